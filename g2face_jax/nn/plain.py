@@ -1,0 +1,42 @@
+"""Plain (non-equalized) layers with PyTorch's default initialisation.
+
+The official model's new parts (pyramid encoder, fusion masks, hiding
+injections, extractor, dummy-identity net) are ordinary `nn.Conv2d` /
+`nn.Linear` layers; training them from scratch as the recipe does needs
+PyTorch's init: weights and biases uniform in +-1/sqrt(fan_in).
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# kaiming_uniform(a=sqrt(5)) as PyTorch draws it: bound = 1/sqrt(fan_in).
+torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_bias_init(fan_in: int):
+  """Uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)), PyTorch's default bias init."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def Conv(in_features: int, features: int, kernel_size: int, stride: int = 1, padding: int = 0,
+         use_bias: bool = True, name: str | None = None) -> nn.Conv:
+  """`nn.Conv2d` equivalent on NHWC; kernel (k, k, in, out), bias (out,)."""
+  k, p = kernel_size, padding
+  return nn.Conv(features, (k, k), strides=stride, padding=((p, p), (p, p)), use_bias=use_bias,
+                 kernel_init=torch_kernel_init, bias_init=torch_bias_init(in_features * k * k),
+                 name=name)
+
+
+def Dense(in_features: int, features: int, name: str | None = None) -> nn.Dense:
+  """`nn.Linear` equivalent; kernel (in, out), bias (out,)."""
+  return nn.Dense(features, kernel_init=torch_kernel_init, bias_init=torch_bias_init(in_features),
+                  name=name)

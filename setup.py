@@ -1,0 +1,29 @@
+"""g2face_jax: reversible, key-driven face anonymization (G2Face) in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="g2face_jax",
+    version="0.1.0",
+    description="G2Face face anonymization and recovery in JAX/Flax, with converters from the official PyTorch weights",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["g2face_jax", "g2face_jax.*"]),
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12",
+        "grain>=0.2.18",
+        "clu>=0.0.12",
+        "ml_collections>=1.1",
+        "numpy>=2.0",
+        "scipy>=1.14",
+        "pillow>=11",
+    ],
+    extras_require={
+        "torch": ["torch==2.13.0"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.6"],
+    },
+    entry_points={"console_scripts": ["g2face=g2face_jax.cli:main"]},
+)
