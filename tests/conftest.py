@@ -9,7 +9,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 FIXTURES = os.environ.get(
     "G2FACE_PARITY_FIXTURES",
-    os.path.join(os.path.dirname(__file__), "fixtures", "official"))
+    os.path.join(os.path.dirname(__file__), "fixtures", "official", "official-seed0"))
 
 
 def rel_err(ours, ref) -> float:
