@@ -40,3 +40,38 @@ def Dense(in_features: int, features: int, name: str | None = None) -> nn.Dense:
   """`nn.Linear` equivalent; kernel (in, out), bias (out,)."""
   return nn.Dense(features, kernel_init=torch_kernel_init, bias_init=torch_bias_init(in_features),
                   name=name)
+
+
+class BatchNorm(nn.Module):
+  """PyTorch `BatchNorm1d/2d` over the last axis of x (..., C).
+
+  Training (`use_running_average=False`): normalises with the biased batch
+  variance and updates the running estimates PyTorch's way (momentum 0.1, the
+  unbiased variance into `var`). Eval: running statistics. Statistics live in
+  the 'batch_stats' collection as `mean` and `var`; affine `scale` and `bias`.
+  """
+  use_running_average: bool
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+    running_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+    scale = self.param("scale", nn.initializers.ones, (c,))
+    bias = self.param("bias", nn.initializers.zeros, (c,))
+    if self.use_running_average:
+      mean, var = running_mean.value, running_var.value
+    else:
+      axes = tuple(range(x.ndim - 1))
+      x32 = x.astype(jnp.float32)
+      mean = jnp.mean(x32, axis=axes)
+      var = jnp.mean(jnp.square(x32 - mean), axis=axes)
+      if not self.is_initializing():
+        n = x.size // c
+        m = self.momentum
+        running_mean.value = (1 - m) * running_mean.value + m * mean
+        running_var.value = (1 - m) * running_var.value + m * var * (n / max(n - 1, 1))
+    y = (x - mean.astype(x.dtype)) * jax.lax.rsqrt(var + self.epsilon).astype(x.dtype)
+    return y * scale.astype(x.dtype) + bias.astype(x.dtype)
