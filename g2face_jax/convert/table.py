@@ -30,6 +30,20 @@ class Rule:
   transform: Transform = lambda a: a
 
 
+BATCHNORM_IGNORED = [r".*num_batches_tracked"]
+
+
+def batchnorm_rules(official: str, flax: str) -> list[Rule]:
+  """BatchNorm1d/2d at official prefix `official` (regex) -> Flax module path `flax`:
+  weight/bias into 'params' scale/bias, running statistics into 'batch_stats' mean/var."""
+  return [
+      Rule(official + r"\.weight", f"params/{flax}/scale"),
+      Rule(official + r"\.bias", f"params/{flax}/bias"),
+      Rule(official + r"\.running_mean", f"batch_stats/{flax}/mean"),
+      Rule(official + r"\.running_var", f"batch_stats/{flax}/var"),
+  ]
+
+
 # Per-tensor transforms from PyTorch layouts.
 def conv_oihw_to_hwio(w: np.ndarray) -> np.ndarray:
   return np.transpose(w, (2, 3, 1, 0))
