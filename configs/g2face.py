@@ -23,6 +23,7 @@ def _model(size: int, channels: tuple[int, ...], style_dim: int) -> ml_collectio
       identity_dim=512,          # ArcFace embedding = 512 float32 hidden values
       geometry_dim=147,          # 3DMM id 80 + exp 64 + angles 3
       mapper_layers=4,           # equalized linears per style-mapper head
+      arcface_layers=(3, 4, 14, 3),  # iresnet50; (3, 13, 30, 3) for iresnet100
   ))
 
 

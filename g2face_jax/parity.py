@@ -57,8 +57,7 @@ def official_decoder(folder: str):
   fx = _load(folder, "generator")
   x = nhwc(fx["x"])
   abstract = convert_stylegan.abstract(model, x, fx["styles"], fx["bits"], generator_noise(fx))
-  params = convert_stylegan.convert_decoder(_weights(folder, "generator"), abstract)
-  return model, {"params": params}
+  return model, convert_stylegan.convert_decoder(_weights(folder, "generator"), abstract)
 
 
 def check_generator(folder: str) -> dict[str, float]:
@@ -73,9 +72,9 @@ def check_discriminator(folder: str) -> dict[str, float]:
   fx = _load(folder, "discriminator")
   model = models.build_discriminator(config_lib.load("paper").model)
   x = nhwc(fx["x"])
-  params = convert_stylegan.convert_discriminator(
+  variables = convert_stylegan.convert_discriminator(
       _weights(folder, "discriminator"), convert_stylegan.abstract(model, x))
-  out = jax.jit(model.apply)({"params": params}, x)
+  out = jax.jit(model.apply)(variables, x)
   return {"out": rel_err(out, fx["out"])}
 
 

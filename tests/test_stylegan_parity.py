@@ -46,8 +46,7 @@ def test_discriminator_matches_official():
 
 def test_paper_decoder_has_the_official_parameter_count_per_tensor(official_decoder):
   _, variables = official_decoder
-  flat = jax.tree_util.tree_flatten_with_path(variables["params"])[0]
-  ours = sorted(int(np.size(v)) for _, v in flat)
+  ours = sorted(int(np.size(v)) for v in jax.tree.leaves(variables["params"]))
   with open(os.path.join(FIXTURES, "generator.weights.json")) as f:
     entries = json.load(f)
   official = sorted(int(np.prod(e["shape"])) for e in entries if not e["key"].endswith("kernel"))
@@ -133,9 +132,10 @@ def _as_rosinality_g_ema(generator_sd):
 
 def test_stylegan2_g_ema_loads_into_the_synthesis_layers_only(decoder_abstract):
   sd = _recipe("generator")
-  full = convert_stylegan.convert_decoder(sd, decoder_abstract)
+  full = convert_stylegan.convert_decoder(sd, decoder_abstract)["params"]
   start = jax.tree.map(lambda a: np.full(a.shape, 7.0, np.float32), decoder_abstract)
-  loaded = convert_stylegan.stylegan2_into_decoder(_as_rosinality_g_ema(sd), start)
+  loaded = convert_stylegan.stylegan2_into_decoder(_as_rosinality_g_ema(sd), start)["params"]
+  start = start["params"]
   for name in loaded:
     synthesis = name == "input" or name.startswith(("conv1", "to_rgb1", "convs_", "to_rgbs_"))
     for a, b, s in zip(jax.tree.leaves(loaded[name]), jax.tree.leaves(full[name]),
@@ -146,9 +146,9 @@ def test_stylegan2_g_ema_loads_into_the_synthesis_layers_only(decoder_abstract):
 def test_stylegan2_d_loads_into_the_discriminator():
   model = models.build_discriminator(config_lib.load("paper").model)
   abstract = convert_stylegan.abstract(model, jnp.zeros((1, 256, 256, 3)))
-  params = convert_stylegan.convert_discriminator(_recipe("discriminator"), abstract,
-                                                  what="StyleGAN2 d")
-  assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, abstract)
+  variables = convert_stylegan.convert_discriminator(_recipe("discriminator"), abstract,
+                                                     what="StyleGAN2 d")
+  assert jax.tree.map(np.shape, variables) == jax.tree.map(np.shape, abstract)
   with pytest.raises(ConversionError, match="StyleGAN2 d: unexpected key"):
     convert_stylegan.convert_discriminator(dict(_recipe("discriminator"), foo=np.zeros(1)),
                                            abstract, what="StyleGAN2 d")

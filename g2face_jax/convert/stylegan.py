@@ -78,44 +78,47 @@ def _to_flax_names(tree: Mapping[str, Any]) -> dict:
       {tuple(p.replace(".", "_") for p in k): v for k, v in flat.items()})
 
 
-def convert_decoder(state_dict: Mapping[str, Any], abstract_params: Mapping[str, Any],
+def convert_decoder(state_dict: Mapping[str, Any], abstract_variables: Mapping[str, Any],
                     blur_taps=(1, 3, 3, 1)) -> dict:
-  """G2Face `anonymous_net` state dict -> Decoder params (the 'params' collection)."""
+  """G2Face `anonymous_net` state dict -> Decoder variables {'params'}.
+
+  abstract_variables: `jax.eval_shape` of the target Decoder's init.
+  """
   what = "G2Face anonymous_net"
   T.check_constant(state_dict, r".*\.blur\.kernel", ops.fir_kernel_2d(blur_taps, 4.0), what)
   T.check_constant(state_dict, r".*\.upsample\.kernel", ops.fir_kernel_2d(blur_taps, 4.0), what)
-  params = T.apply_rules(state_dict, DECODER_RULES, _flax_names(abstract_params),
+  params = T.apply_rules(state_dict, DECODER_RULES, _flax_names(abstract_variables["params"]),
                          ignore=SYNTHESIS_CONSTANTS, what=what)
-  return _to_flax_names(params)
+  return {"params": _to_flax_names(params)}
 
 
-def convert_discriminator(state_dict: Mapping[str, Any], abstract_params: Mapping[str, Any],
+def convert_discriminator(state_dict: Mapping[str, Any], abstract_variables: Mapping[str, Any],
                           blur_taps=(1, 3, 3, 1), what: str = "G2Face discriminator") -> dict:
-  """Discriminator state dict (G2Face or rosinality `d`) -> Discriminator params."""
+  """Discriminator state dict (G2Face or rosinality `d`) -> Discriminator variables {'params'}."""
   T.check_constant(state_dict, DISCRIMINATOR_CONSTANTS[0], ops.fir_kernel_2d(blur_taps), what)
-  final_channels = abstract_params["final_conv"]["conv"]["weight"].shape[-1]
+  expected = abstract_variables["params"]
+  final_channels = expected["final_conv"]["conv"]["weight"].shape[-1]
   params = T.apply_rules(state_dict, _discriminator_rules(final_channels),
-                         _flax_names(abstract_params), ignore=DISCRIMINATOR_CONSTANTS, what=what)
-  return _to_flax_names(params)
+                         _flax_names(expected), ignore=DISCRIMINATOR_CONSTANTS, what=what)
+  return {"params": _to_flax_names(params)}
 
 
-def stylegan2_into_decoder(g_ema: Mapping[str, Any], decoder_params: Mapping[str, Any],
+def stylegan2_into_decoder(g_ema: Mapping[str, Any], decoder_variables: Mapping[str, Any],
                            blur_taps=(1, 3, 3, 1)) -> dict:
   """Load a rosinality `g_ema` into the decoder's synthesis layers (the official
-  non-strict load); the G2Face-only parts of `decoder_params` are kept."""
+  non-strict load); the G2Face-only parts of `decoder_variables` are kept."""
   what = "StyleGAN2 g_ema"
   T.check_constant(g_ema, r".*\.blur\.kernel", ops.fir_kernel_2d(blur_taps, 4.0), what)
   T.check_constant(g_ema, r".*\.upsample\.kernel", ops.fir_kernel_2d(blur_taps, 4.0), what)
-  named = _flax_names(decoder_params)
+  named = _flax_names(decoder_variables["params"])
   synthesis = {k: v for k, v in named.items()
                if k.split(".")[0] in ("input", "conv1", "to_rgb1", "convs", "to_rgbs")}
   loaded = T.apply_rules(g_ema, SYNTHESIS_RULES, synthesis, ignore=STYLEGAN2_G_IGNORED, what=what)
   merged = traverse_util.flatten_dict(named)
   merged.update(traverse_util.flatten_dict(loaded))
-  return _to_flax_names(traverse_util.unflatten_dict(merged))
+  return {"params": _to_flax_names(traverse_util.unflatten_dict(merged))}
 
 
 def abstract(module, *args, **kwargs) -> dict:
-  """Shapes of a module's 'params' without materialising them."""
-  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))
-  return shapes["params"]
+  """Shapes of a module's variables without materialising them."""
+  return jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))
