@@ -1,7 +1,11 @@
 """Networks built from a config's `model` section (the one place that reads it)."""
 from __future__ import annotations
 
+from typing import Sequence
+
+import jax
 import ml_collections
+import numpy as np
 
 from g2face_jax.nn import arcface, decoder, extractor, face3d, lpips, mapping, stylegan
 
@@ -51,3 +55,43 @@ def build_recon_net(model: ml_collections.ConfigDict) -> face3d.ReconNet:
 def build_lpips(model: ml_collections.ConfigDict) -> lpips.LPIPS:
   del model
   return lpips.LPIPS()
+
+
+NETWORKS = ("decoder", "discriminator", "style_mapper", "map_2_id", "extractor", "arcface",
+            "recon_net", "lpips")
+
+
+def build(model: ml_collections.ConfigDict, name: str):
+  """The Flax module of network `name` (one of NETWORKS)."""
+  builders = dict(decoder=build_decoder, discriminator=build_discriminator,
+                  style_mapper=build_style_mapper, map_2_id=build_map_2_id,
+                  extractor=build_extractor, arcface=build_arcface, recon_net=build_recon_net,
+                  lpips=build_lpips)
+  if name not in builders:
+    raise ValueError(f"unknown network '{name}'; known: {', '.join(NETWORKS)}")
+  return builders[name](model)
+
+
+def example_inputs(model: ml_collections.ConfigDict, name: str, batch: int = 1) -> tuple:
+  """Zero arrays of the shapes network `name` is called with (for init and eval_shape)."""
+  s = model.size
+  image = np.zeros((batch, s, s, 3), np.float32)
+  if name == "decoder":
+    return (image, np.zeros((batch, decoder.num_styles(s), model.style_dim), np.float32),
+            np.zeros((batch,) + decoder.BITS_SHAPE, np.float32),
+            [np.zeros(shape, np.float32) for shape in decoder.noise_shapes(s, batch)])
+  if name == "style_mapper":
+    return (np.zeros((batch, model.identity_dim), np.float32),
+            np.zeros((batch, model.geometry_dim), np.float32))
+  if name == "map_2_id":
+    return (np.zeros((max(batch, 2), model.identity_dim), np.float32),)
+  if name == "lpips":
+    return (image, image)
+  return (image,)
+
+
+def init_variables(model: ml_collections.ConfigDict, rng: jax.Array,
+                   names: Sequence[str] = NETWORKS) -> dict[str, dict]:
+  """Fresh variables {name: {'params': ..., ['batch_stats': ...]}} of the named networks."""
+  return {name: build(model, name).init(key, *example_inputs(model, name))
+          for name, key in zip(names, jax.random.split(rng, len(names)))}
