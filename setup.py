@@ -20,6 +20,7 @@ setup(
         "numpy>=2.0",
         "scipy>=1.14",
         "pillow>=11",
+        "cryptography>=44",
     ],
     extras_require={
         "torch": ["torch==2.13.0"],
