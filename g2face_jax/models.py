@@ -90,6 +90,12 @@ def example_inputs(model: ml_collections.ConfigDict, name: str, batch: int = 1) 
   return (image,)
 
 
+def abstract_variables(model: ml_collections.ConfigDict, name: str) -> dict:
+  """Shapes and dtypes (ShapeDtypeStruct tree) of network `name`'s variables; nothing materialised."""
+  module = build(model, name)
+  return jax.eval_shape(lambda: module.init(jax.random.key(0), *example_inputs(model, name)))
+
+
 def init_variables(model: ml_collections.ConfigDict, rng: jax.Array,
                    names: Sequence[str] = NETWORKS) -> dict[str, dict]:
   """Fresh variables {name: {'params': ..., ['batch_stats': ...]}} of the named networks."""

@@ -1,17 +1,21 @@
-"""Anonymize and recover aligned face crops, in the official test-time order.
+"""Anonymize and recover aligned face crops: the stages of the official test, jitted.
 
 Crops are (B, size, size, 3) float32 in [-1, 1]. `variables` maps a network
 name ('decoder', 'style_mapper', 'map_2_id', 'extractor', 'arcface',
 'recon_net') to its Flax variables. The anonymized image is not clipped
 here: the official code clips it only when writing a file.
 
-Stages (see the parity fixtures' README):
-  anonymize: arc_id = ArcFace(x); coeff = D3DFR((x+1)/2); hide_bits = bits(arc_id);
-             rand_id = Map2ID(z) (eval); style = Mapper(rand_id, geometry(coeff));
-             anon = Decoder(x, style, hide_bits, noise)
-  recover:   logits = Extractor(anon) (eval); extracted_id = decode(round(sigmoid(logits)));
-             coeff_anon = D3DFR((anon+1)/2);
-             recovered = Decoder(anon, Mapper(extracted_id, geometry(coeff_anon)), hide_bits, noise)
+Stages (the parity fixtures' README):
+  analyze:    arc_id = ArcFace(x); coeff = D3DFR((x+1)/2)
+  anonymize:  rand_id = Map2ID(z) (eval); style = Mapper(rand_id, geometry(coeff));
+              anon = Decoder(x, style, hide_bits, noise)
+  extract:    logits = Extractor(anon) (eval); bits = round(sigmoid(logits));
+              extracted_id = official decode of bits
+  restore:    coeff_anon = D3DFR((anon+1)/2);
+              recovered = Decoder(anon, Mapper(identity, geometry(coeff_anon)), hide_bits, noise)
+The hidden bits are an input, so any payload code can ride on the decoder;
+`official_anonymize` / `official_recover` chain the stages with the official
+float32 code (hide_bits = the 32 IEEE bits of each ArcFace value).
 """
 from __future__ import annotations
 
@@ -40,9 +44,10 @@ class Networks:
 
   @classmethod
   def from_config(cls, model: ml_collections.ConfigDict) -> "Networks":
-    return cls(decoder=models.build_decoder(model), style_mapper=models.build_style_mapper(model),
-               map_2_id=models.build_map_2_id(model), extractor=models.build_extractor(model),
-               arcface=models.build_arcface(model), recon_net=models.build_recon_net(model))
+    return cls(**{f.name: models.build(model, f.name) for f in dataclasses.fields(cls)})
+
+
+NETWORKS = tuple(f.name for f in dataclasses.fields(Networks))
 
 
 def _styles(nets: Networks, variables: Variables, identity: jax.Array,
@@ -52,26 +57,30 @@ def _styles(nets: Networks, variables: Variables, identity: jax.Array,
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def anonymize(nets: Networks, variables: Variables, x: jax.Array, z: jax.Array,
-              noise: Sequence[jax.Array]) -> dict[str, jax.Array]:
-  """x (B,S,S,3) in [-1,1], z (B,512) dummy-identity input, noise per `decoder.noise_shapes`.
+def analyze(nets: Networks, variables: Variables, x: jax.Array) -> dict[str, jax.Array]:
+  """x (B,S,S,3) in [-1,1] -> arc_id (B,512) ArcFace identity, coeff (B,257) 3DMM coefficients."""
+  return dict(arc_id=nets.arcface.apply(variables["arcface"], x),
+              coeff=nets.recon_net.apply(variables["recon_net"], (x + 1) / 2))
 
-  Returns arc_id (B,512), coeff (B,257), hide_bits (B,512,32), rand_id (B,512),
-  style (B,n_styles,style_dim) and anon (B,S,S,3) (unclipped).
+
+@functools.partial(jax.jit, static_argnums=0)
+def anonymize(nets: Networks, variables: Variables, x: jax.Array, coeff: jax.Array, z: jax.Array,
+              hide_bits: jax.Array, noise: Sequence[jax.Array]) -> dict[str, jax.Array]:
+  """Decode x towards the virtual identity Map2ID(z) with the bits hidden in it.
+
+  x (B,S,S,3) in [-1,1]; coeff (B,257) from `analyze`; z (B,512) dummy-identity
+  input; hide_bits (B,512,32) in {0,1}; noise per `decoder.noise_shapes`.
+  Returns rand_id (B,512), style (B,n_styles,style_dim) and anon (B,S,S,3), unclipped.
   """
-  arc_id = nets.arcface.apply(variables["arcface"], x)
-  coeff = nets.recon_net.apply(variables["recon_net"], (x + 1) / 2)
-  hide_bits = payload.float_to_bits(arc_id)
   rand_id = nets.map_2_id.apply(variables["map_2_id"], z, train=False)
   style = _styles(nets, variables, rand_id, coeff)
   anon = nets.decoder.apply(variables["decoder"], x, style, hide_bits, noise)
-  return dict(arc_id=arc_id, coeff=coeff, hide_bits=hide_bits, rand_id=rand_id, style=style,
-              anon=anon)
+  return dict(rand_id=rand_id, style=style, anon=anon)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def extract_identity(nets: Networks, variables: Variables, anon: jax.Array) -> dict[str, jax.Array]:
-  """anon (B,S,S,3) -> logits (B,512,32), bits and the decoded identity (B,512)."""
+  """anon (B,S,S,3) -> logits (B,512,32), bits in {0,1} and the officially decoded identity (B,512)."""
   logits = nets.extractor.apply(variables["extractor"], anon, train=False)
   bits = payload.bits_from_logits(logits)
   return dict(logits=logits, bits=bits, extracted_id=payload.decode_identity(bits))
@@ -80,19 +89,31 @@ def extract_identity(nets: Networks, variables: Variables, anon: jax.Array) -> d
 @functools.partial(jax.jit, static_argnums=0)
 def restore(nets: Networks, variables: Variables, anon: jax.Array, identity: jax.Array,
             hide_bits: jax.Array, noise: Sequence[jax.Array]) -> dict[str, jax.Array]:
-  """Decoder pass back to the identity (B,512): coeff_anon (B,257) and recovered (B,S,S,3)."""
+  """Decoder pass back to `identity` (B,512): coeff_anon (B,257) and recovered (B,S,S,3)."""
   coeff_anon = nets.recon_net.apply(variables["recon_net"], (anon + 1) / 2)
   style = _styles(nets, variables, identity, coeff_anon)
   recovered = nets.decoder.apply(variables["decoder"], anon, style, hide_bits, noise)
   return dict(coeff_anon=coeff_anon, recovered=recovered)
 
 
-def recover(nets: Networks, variables: Variables, anon: jax.Array, hide_bits: jax.Array,
-            noise: Sequence[jax.Array]) -> dict[str, jax.Array]:
-  """Extract the hidden identity from anon and decode back to the original face.
+def official_anonymize(nets: Networks, variables: Variables, x: jax.Array, z: jax.Array,
+                       noise: Sequence[jax.Array]) -> dict[str, jax.Array]:
+  """The official test's anonymization: hides the float32 bits of ArcFace(x).
+
+  Returns arc_id, coeff, hide_bits and what `anonymize` returns.
+  """
+  out = analyze(nets, variables, x)
+  out["hide_bits"] = payload.float_to_bits(out["arc_id"])
+  out.update(anonymize(nets, variables, x, out["coeff"], z, out["hide_bits"], noise))
+  return out
+
+
+def official_recover(nets: Networks, variables: Variables, anon: jax.Array, hide_bits: jax.Array,
+                     noise: Sequence[jax.Array]) -> dict[str, jax.Array]:
+  """The official test's recovery: extract the hidden identity from anon and decode back.
 
   hide_bits (B,512,32) is what the recovery pass hides again (the official test
-  passes the original's bits). Returns logits, bits, extracted_id, coeff_anon, recovered.
+  passes the original's bits). Returns what `extract_identity` and `restore` return.
   """
   out = extract_identity(nets, variables, anon)
   out.update(restore(nets, variables, anon, out["extracted_id"], hide_bits, noise))
