@@ -21,6 +21,7 @@ setup(
         "scipy>=1.14",
         "pillow>=11",
         "cryptography>=44",
+        "reedsolo>=1.7",
     ],
     extras_require={
         "torch": ["torch==2.13.0"],
