@@ -25,6 +25,19 @@ def _parity(args) -> int:
   return 0 if worst <= parity.TOLERANCE else 1
 
 
+def _convert(args) -> int:
+  from g2face_jax import config as config_lib
+  from g2face_jax.convert import build
+  files = dict(g2face=args.g2face, arcface=args.arcface, d3dfr=args.d3dfr, bfm=args.bfm,
+               lpips_vgg16=args.lpips_vgg16, lpips_heads=args.lpips_heads, stylegan=args.stylegan)
+  if not any(files.values()):
+    raise ValueError("give at least one file to convert (--g2face, --arcface, --d3dfr, --bfm, "
+                     "--lpips-vgg16/--lpips-heads, --stylegan)")
+  build.build_bundle(args.out, config_lib.load(args.config), **files,
+                     stylegan_discriminator=args.stylegan_discriminator)
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="g2face", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
@@ -34,6 +47,23 @@ def build_parser() -> argparse.ArgumentParser:
                  help="fixture folder (official-seedN layout); default: the bundled seed 0")
   p.add_argument("--only", help="comma-separated checks to run (default: all)")
   p.set_defaults(run=_parity)
+
+  p = sub.add_parser("convert", help="convert official PyTorch checkpoints into one model bundle "
+                     "(any subset of the files; read with torch.load(weights_only=True))")
+  p.add_argument("--g2face", help="G2Face.pth: decoder, style mapper, map_2_id, extractor, discriminator")
+  p.add_argument("--arcface", help="ms1mv3_arcface_r50.pth (insightface iresnet; iresnet100 with "
+                 "--config paper,model.arcface_layers=...)")
+  p.add_argument("--d3dfr", help="Deep3DFaceRecon epoch_20.pth (ResNet-50 coefficient regressor)")
+  p.add_argument("--bfm", help="BFM_model_front.mat (Basel Face Model, Deep3DFaceRecon front crop)")
+  p.add_argument("--lpips-vgg16", help="torchvision vgg16 state dict (LPIPS trunk)")
+  p.add_argument("--lpips-heads", help="lpips weights/v0.1/vgg.pth (LPIPS linear heads)")
+  p.add_argument("--stylegan", help="rosinality StyleGAN2 550000.pt: pretrained decoder layers "
+                 "for a training start (not with --g2face)")
+  p.add_argument("--stylegan-discriminator", action="store_true",
+                 help="also load the StyleGAN2 discriminator `d` (the official recipe does not)")
+  p.add_argument("--config", default="paper", help="model config (default: paper, the official 256)")
+  p.add_argument("--out", required=True, help="bundle folder to write (new or empty)")
+  p.set_defaults(run=_convert)
   return parser
 
 
@@ -41,7 +71,7 @@ def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   try:
     return args.run(args)
-  except (OSError, ValueError, KeyError) as e:
+  except (OSError, ValueError, KeyError, ImportError) as e:
     print(f"g2face {args.command}: error: {e}", file=sys.stderr)
     return 2
 

@@ -48,7 +48,13 @@ def _checked(bfm: BFM, path: str | os.PathLike, names: dict | None = None) -> BF
 
 def load_mat(path: str | os.PathLike) -> BFM:
   """`BFM_model_front.mat` -> BFM (numpy arrays); ConversionError if it is not one."""
-  mat = scipy.io.loadmat(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{os.fspath(path)}: file not found")
+  try:
+    mat = scipy.io.loadmat(path)
+  except Exception as e:  # scipy raises several types for a file that is not MATLAB
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise ConversionError(f"{os.fspath(path)}: not a readable MATLAB .mat file ({first})") from None
   _require(mat, MAT_FIELDS, path)
 
   def vertices(field: str) -> np.ndarray:  # (3N, K) interleaved xyz -> (N, 3, K)
