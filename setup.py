@@ -28,7 +28,7 @@ setup(
     ],
     extras_require={
         "torch": ["torch==2.13.0"],
-        "dev": ["pytest>=8", "pytest-xdist>=3.6"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.6", "scikit-image>=0.24"],
     },
     entry_points={"console_scripts": ["g2face=g2face_jax.cli:main"]},
 )
