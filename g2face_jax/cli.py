@@ -38,6 +38,100 @@ def _convert(args) -> int:
   return 0
 
 
+def _keygen(args) -> int:
+  from g2face_jax import keys
+  passphrase = keys.ask_new_passphrase() if args.passphrase else None
+  keys.write_key_file(args.out, passphrase=passphrase)
+  kind = "passphrase (scrypt)" if passphrase else "random 256-bit"
+  print(f"wrote a {kind} key file {args.out} (mode 0600); keep it secret, it cannot be recreated"
+        + ("" if passphrase else " from anything else"))
+  return 0
+
+
+def _photo_tool(args, operation: str):
+  from g2face_jax import anonymizer, keys
+  tool = anonymizer.Anonymizer(args.bundle, keys.load(args.key),
+                               identity=getattr(args, "identity", "consistent"),
+                               codec=args.codec, layout=getattr(args, "layout", "float"))
+  tool.require(operation)
+  return tool
+
+
+def _photo_files(args, operation: str) -> int:
+  """anonymize / recover: every input file (folders recursively), one line per file."""
+  import json
+
+  from tqdm import tqdm
+
+  from g2face_jax import anonymizer
+  out = sys.stderr if args.json else sys.stdout
+  try:
+    tool = _photo_tool(args, operation)
+    step = getattr(tool, f"{operation}_file")
+    results = anonymizer.run_files(
+        lambda src, dst: step(src, dst, aligned=args.aligned), args.inputs, args.out,
+        progress=lambda items: tqdm(items, desc=operation, unit="file", file=sys.stderr,
+                                    disable=None, leave=False),
+        debug=args.debug,
+        report=lambda r: tqdm.write(f"ok  {r.input} -> {r.output} ({r.faces} face(s))" if r.ok
+                                    else f"FAILED  {r.error}", file=out))
+  except Exception as e:  # one line unless --debug
+    if args.debug:
+      raise
+    print(f"g2face {operation}: error: {e}", file=sys.stderr)
+    return 2
+  if args.json:
+    print(json.dumps(anonymizer.summary(results), indent=1))
+  failed = sum(not r.ok for r in results)
+  print(f"{len(results) - failed} ok, {failed} failed", file=out)
+  return 1 if failed or not results else 0
+
+
+def _anonymize(args) -> int:
+  return _photo_files(args, "anonymize")
+
+
+def _recover(args) -> int:
+  return _photo_files(args, "recover")
+
+
+def _verify(args) -> int:
+  import json
+
+  from g2face_jax import anonymizer
+  try:
+    tool = _photo_tool(args, "verify")
+    result = tool.verify_file(args.anon, args.reference, args.threshold, aligned=args.aligned)
+  except anonymizer.FileError as e:
+    print(f"g2face verify: error: {e}", file=sys.stderr)
+    return 1
+  except Exception as e:  # one line unless --debug
+    if args.debug:
+      raise
+    print(f"g2face verify: error: {e}", file=sys.stderr)
+    return 2
+  if args.json:
+    print(json.dumps(anonymizer.summary([result]) | {"threshold": args.threshold}, indent=1))
+  else:
+    for i, (c, same) in enumerate(zip(result.cosines, result.match)):
+      print(f"{args.anon} face {i}: cosine {c:.4f} -> "
+            f"{'same person' if same else 'not the same person'} (threshold {args.threshold})")
+  return 0
+
+
+def _photo_arguments(p, inputs: bool = True) -> None:
+  if inputs:
+    p.add_argument("inputs", nargs="+", metavar="IN", help="image files or folders (recursive)")
+    p.add_argument("--out", required=True, help="output folder (PNG files, no input metadata)")
+  p.add_argument("--bundle", required=True, help="model bundle folder (`g2face convert`)")
+  p.add_argument("--key", help="key file (`g2face keygen`); default: the G2FACE_KEY variable "
+                 "(64 hex digits). Keys are never read from the command line")
+  p.add_argument("--aligned", action="store_true",
+                 help="inputs are ready square face crops (FFHQ-aligned), not photos")
+  p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+  p.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="g2face", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +158,45 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--config", default="paper", help="model config (default: paper, the official 256)")
   p.add_argument("--out", required=True, help="bundle folder to write (new or empty)")
   p.set_defaults(run=_convert)
+
+  p = sub.add_parser("keygen", help="write a new 256-bit key file (mode 0600)")
+  p.add_argument("--out", required=True, help="key file to create (never overwritten)")
+  p.add_argument("--passphrase", action="store_true",
+                 help="derive the key from a passphrase (scrypt, memory-hard) typed at a prompt "
+                 "or taken from G2FACE_PASSPHRASE; the file then holds only the salt")
+  p.set_defaults(run=_keygen)
+
+  codec_help = ("hidden identity code: 'secure' (default) encrypts and authenticates it with the "
+                "key and adds error correction; 'official' hides the raw float32 ArcFace bits "
+                "exactly as the official G2Face: anyone with the model can recover the face")
+  p = sub.add_parser("anonymize", help="replace every face of photos with a key-driven virtual "
+                     "identity, hiding the original identity for `recover`")
+  _photo_arguments(p)
+  p.add_argument("--identity", choices=("consistent", "random"), default="consistent",
+                 help="virtual identity: 'consistent' (same person + same key -> same virtual "
+                 "person) or 'random' (per face, reproducible from key and photo)")
+  p.add_argument("--codec", choices=("secure", "official"), default="secure", help=codec_help)
+  p.add_argument("--layout", choices=("float", "uniform"), default="float",
+                 help="secure payload layout: 'float' keeps the exponent positions as the "
+                 "official training bits had them (for the official weights); 'uniform' uses all bits")
+  p.set_defaults(run=_anonymize)
+
+  p = sub.add_parser("recover", help="restore the original faces of anonymized photos with the key")
+  _photo_arguments(p)
+  p.add_argument("--codec", choices=("secure", "official"), default="secure",
+                 help="code to read when a file has no g2face stamp (default secure)")
+  p.set_defaults(run=_recover)
+
+  p = sub.add_parser("verify", help="decide whether the person hidden in an anonymized photo is "
+                     "the person in a reference photo, without recovering the face")
+  p.add_argument("anon", metavar="ANON", help="anonymized image")
+  p.add_argument("--reference", required=True, help="photo of the claimed person (largest face)")
+  p.add_argument("--threshold", type=float, default=0.3,
+                 help="cosine threshold (default 0.3, a conventional ArcFace value: calibrate it)")
+  p.add_argument("--codec", choices=("secure", "official"), default="secure",
+                 help="code to read when the file has no g2face stamp (default secure)")
+  _photo_arguments(p, inputs=False)
+  p.set_defaults(run=_verify)
   return parser
 
 

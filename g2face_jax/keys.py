@@ -123,6 +123,19 @@ def _ask_passphrase(source: str, env: Mapping[str, str]) -> str:
                      f"(set {PASSPHRASE_ENV} or run in a terminal)")
 
 
+def ask_new_passphrase(env: Mapping[str, str] | None = None) -> str:
+  """A new passphrase from G2FACE_PASSPHRASE or typed twice at a prompt."""
+  env = os.environ if env is None else env
+  if env.get(PASSPHRASE_ENV):
+    return env[PASSPHRASE_ENV]
+  if sys.stdin is None or not sys.stdin.isatty():
+    raise KeyFileError(f"no passphrase (set {PASSPHRASE_ENV} or run in a terminal)")
+  first = getpass.getpass("new passphrase: ")
+  if first != getpass.getpass("repeat passphrase: "):
+    raise KeyFileError("the two passphrases differ")
+  return first
+
+
 def _parse(text: str, source: str, passphrase: str | None, env: Mapping[str, str]) -> Key:
   try:
     record = json.loads(text)

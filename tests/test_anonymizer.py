@@ -1,0 +1,313 @@
+"""Photo-level anonymize / recover / verify and the `g2face` photo commands, on a bundle
+of random weights (tiny config, 32x32 crops) and the bundled two-face photo.
+
+Random weights produce a face-shaped grey patch and cannot extract their own
+payload; recovery and verification are therefore checked twice: as they are
+(they must fail with a clear error), and with the extractor replaced by a
+perfect one that returns the hidden bits (the rest of the road back is real).
+"""
+import json
+import os
+import shutil
+
+import cv2
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from g2face_jax import anonymizer, bundle, cli, config, faces, keys, models, payload, pipeline
+from g2face_jax import secure_payload
+
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+GROUP = os.path.join(DATA, "group_photo.jpg")
+
+
+def random_variables(model_cfg, names, seed=0):
+  """Random variables of the named networks, drawn like their own initializers but
+  without running `init` (which compiles for minutes on a busy CPU): equalized
+  weights N(0, 1) (N(0, 100^2) in the style mapper, lr multiplier 0.01),
+  modulation biases 1, plain kernels N(0, 1/(3 fan_in)), other biases 0,
+  scales 1, BatchNorm statistics (0, 1). The decoder's noise and hiding
+  strengths are 0.1 instead of 0, so that the key's noise and the hidden bits
+  reach the image."""
+  rng = np.random.default_rng(seed)
+
+  def fill(network, path, leaf):
+    names_ = [getattr(p, "key", str(p)) for p in path]
+    shape, last = leaf.shape, names_[-1]
+    if names_[0] == "batch_stats":
+      value = np.ones(shape) if last == "var" else np.zeros(shape)
+    elif last == "bias":
+      value = np.full(shape, 1.0 if "modulation" in names_ else 0.0)
+    elif len(shape) <= 1:
+      value = np.full(shape, 0.1 if network == "decoder" and last == "weight" else 1.0)
+    elif last == "kernel":
+      value = rng.standard_normal(shape) / np.sqrt(3 * np.prod(shape[:-1]))
+    else:
+      value = rng.standard_normal(shape) * (100.0 if network == "style_mapper" else 1.0)
+    return value.astype(leaf.dtype)
+
+  out = {}
+  for name in names:
+    module = models.build(model_cfg, name)
+    shapes = jax.eval_shape(module.init, jax.random.key(0), *models.example_inputs(model_cfg, name))
+    out[name] = jax.tree_util.tree_map_with_path(lambda p, l, n=name: fill(n, p, l), shapes)
+  return out
+
+
+@pytest.fixture(scope="module")
+def tiny_config():
+  cfg = config.load("tiny")
+  cfg.model.arcface_layers = (1, 1, 1, 1)  # a shallow ArcFace keeps the tests fast
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory, tiny_config):
+  path = str(tmp_path_factory.mktemp("bundle") / "random")
+  bundle.save(path, tiny_config, random_variables(tiny_config.model, pipeline.NETWORKS))
+  return path
+
+
+@pytest.fixture(scope="module")
+def no_extractor_bundle(tmp_path_factory, tiny_config):
+  path = str(tmp_path_factory.mktemp("bundle") / "no-extractor")
+  names = [n for n in pipeline.NETWORKS if n != "extractor"]
+  bundle.save(path, tiny_config, random_variables(tiny_config.model, names))
+  return path
+
+
+@pytest.fixture(scope="module")
+def key_file(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("keys") / "a.key")
+  keys.write_key_file(path)
+  return path
+
+
+@pytest.fixture(scope="module")
+def other_key_file(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("keys") / "b.key")
+  keys.write_key_file(path)
+  return path
+
+
+@pytest.fixture(scope="module")
+def photo():
+  return faces.read_image(GROUP)
+
+
+@pytest.fixture(scope="module")
+def tool(bundle_dir, key_file):
+  return anonymizer.Anonymizer(bundle_dir, keys.load(key_file))
+
+
+def _outside(stamp, shape, grow=2):
+  inside = np.zeros(shape[:2], np.uint8)
+  for quad in stamp.quads:
+    cv2.fillPoly(inside, [np.round(np.asarray(quad)).astype(np.int32)], 1)
+  return cv2.dilate(inside, np.ones((2 * grow + 1,) * 2, np.uint8)) == 0
+
+
+def _run(capsys, *argv):
+  code = cli.main(list(argv))
+  out, err = capsys.readouterr()
+  assert "Traceback" not in out + err
+  return code, out, err
+
+
+def _with_exif(src, dst):
+  exif = Image.Exif()
+  exif[0x010E] = "secret description"  # ImageDescription
+  exif[0x0112] = 1
+  with Image.open(src) as im:
+    im.save(dst, exif=exif, quality=95)
+
+
+def test_anonymize_command_deterministic_background_kept_metadata_dropped(
+    capsys, tmp_path, bundle_dir, key_file, other_key_file):
+  src = str(tmp_path / "in.jpg")
+  _with_exif(GROUP, src)
+  assert b"secret description" in open(src, "rb").read()
+  runs = {}
+  for name, key in [("a", key_file), ("a2", key_file), ("b", other_key_file)]:
+    code, out, _ = _run(capsys, "anonymize", src, "--bundle", bundle_dir, "--key", key,
+                        "--out", str(tmp_path / name), "--json")
+    assert code == 0
+    summary = json.loads(out)
+    assert summary["ok"] == 1 and summary["failed"] == 0 and summary["files"][0]["faces"] == 2
+    runs[name] = open(tmp_path / name / "in.png", "rb").read()
+  assert runs["a"] == runs["a2"]  # same key + same input -> byte-identical
+  assert runs["a"] != runs["b"]
+  assert b"secret description" not in runs["a"]
+  with Image.open(tmp_path / "a" / "in.png") as im:
+    assert im.format == "PNG" and set(im.info) == {anonymizer.STAMP_KEY}
+    assert len(im.getexif()) == 0
+    out_pixels = np.asarray(im.convert("RGB"))
+  stamp = anonymizer.read_stamp(str(tmp_path / "a" / "in.png"))
+  assert (stamp.codec, stamp.layout, stamp.size, stamp.aligned) == ("secure", "float", 32, False)
+  original = faces.read_image(src)
+  detected = faces.detect(original)
+  np.testing.assert_allclose(np.asarray(stamp.quads), [f.quad for f in detected], atol=1e-9)
+  outside = _outside(stamp, original.shape)
+  np.testing.assert_array_equal(out_pixels[outside], original[outside])
+  assert np.mean(np.any(out_pixels[~outside] != original[~outside], axis=-1)) > 0.5
+  assert b"secret" not in json.dumps(stamp.to_json()).encode()
+
+
+def test_random_weights_cannot_read_their_payload(capsys, tmp_path, bundle_dir, key_file,
+                                                  tool, photo):
+  """What random weights cannot do: the extractor does not find the hidden bits."""
+  anon, stamp = tool.anonymize_image(photo)
+  path = str(tmp_path / "anon.png")
+  anonymizer.write_png(path, anon, stamp)
+  code, out, err = _run(capsys, "recover", path, "--bundle", bundle_dir, "--key", key_file,
+                        "--out", str(tmp_path / "rec"))
+  assert code == 1
+  assert f"{path}: face 0: no g2face payload found" in out
+  assert not os.listdir(tmp_path / "rec")
+  code, out, err = _run(capsys, "verify", path, "--reference", GROUP, "--bundle", bundle_dir,
+                        "--key", key_file)
+  assert code == 1 and "no g2face payload" in err and err.count("\n") == 1
+
+
+class PerfectExtractor:
+  """Stands in for a trained extractor: records the bits `pipeline.anonymize` hides and
+  returns them as confident logits, face by face in the same order."""
+
+  def __init__(self, monkeypatch):
+    self.hidden, self.calls = [], 0
+    real_anonymize = pipeline.anonymize
+
+    def anonymize(nets, variables, x, coeff, z, hide_bits, noise):
+      self.hidden.append(np.asarray(hide_bits))
+      return real_anonymize(nets, variables, x, coeff, z, hide_bits, noise)
+
+    def extract_identity(nets, variables, anon):
+      bits = self.hidden[self.calls % len(self.hidden)]
+      self.calls += 1
+      return dict(logits=(bits * 2 - 1) * 8.0, bits=bits,
+                  extracted_id=payload.decode_identity(bits))
+
+    monkeypatch.setattr(pipeline, "anonymize", anonymize)
+    monkeypatch.setattr(pipeline, "extract_identity", extract_identity)
+
+
+@pytest.mark.parametrize("codec", anonymizer.CODECS)
+def test_recover_and_verify_with_a_perfect_extractor(monkeypatch, tmp_path, bundle_dir, key_file,
+                                                     photo, codec):
+  perfect = PerfectExtractor(monkeypatch)
+  tool = anonymizer.Anonymizer(bundle_dir, keys.load(key_file), codec=codec)
+  anon, stamp = tool.anonymize_image(photo)
+  assert len(perfect.hidden) == 2
+  path = str(tmp_path / "anon.png")
+  anonymizer.write_png(path, anon, stamp)
+  result = tool.recover_file(path, str(tmp_path / "rec.png"))
+  assert result.ok and result.faces == 2
+  recovered = faces.read_image(str(tmp_path / "rec.png"))
+  outside = _outside(stamp, photo.shape)
+  np.testing.assert_array_equal(recovered[outside], photo[outside])
+  assert np.any(recovered[~outside] != anon[~outside])  # the faces were decoded again
+  # verify: Grace Hopper is the reference photo's largest face, hidden in face 1
+  verdict = tool.verify_file(path, GROUP)
+  assert verdict.faces == 2 and verdict.cosines[1] > 0.999 and verdict.match[1]
+  if codec == "secure":
+    wrong = anonymizer.Anonymizer(bundle_dir, keys.generate(), codec=codec)
+    with pytest.raises(anonymizer.FileError, match="face 0: wrong key"):
+      wrong.recover_file(path, str(tmp_path / "wrong.png"))
+    assert not os.path.exists(tmp_path / "wrong.png")
+
+
+def test_bad_inputs_fail_one_line_each_and_the_rest_goes_on(capsys, tmp_path, bundle_dir,
+                                                            key_file, photo):
+  folder = tmp_path / "in"
+  (folder / "sub").mkdir(parents=True)
+  shutil.copy(GROUP, folder / "good.jpg")
+  (folder / "sub" / "notes.jpg").write_text("not a picture")
+  data = open(GROUP, "rb").read()
+  (folder / "sub" / "cut.jpg").write_bytes(data[:len(data) // 2])
+  Image.fromarray(np.full((96, 128, 3), 90, np.uint8)).save(folder / "plain.png")
+  small = cv2.resize(photo[:, 320:], None, fx=0.2, fy=0.2, interpolation=cv2.INTER_AREA)
+  Image.fromarray(small).save(folder / "sub" / "small.png")
+  (folder / "readme.txt").write_text("skipped: not an image suffix")
+  out_dir = tmp_path / "out"
+  code, out, err = _run(capsys, "anonymize", str(folder), "--bundle", bundle_dir,
+                        "--key", key_file, "--out", str(out_dir), "--json")
+  assert code == 1
+  summary = json.loads(out)
+  assert summary["ok"] == 1 and summary["failed"] == 4
+  errors = {os.path.basename(r["input"]): r["error"] for r in summary["files"] if "error" in r}
+  assert "not an image" in errors["notes.jpg"]
+  assert "unreadable or truncated" in errors["cut.jpg"]
+  assert "no face found" in errors["plain.png"]
+  assert "face too small" in errors["small.png"]
+  for name, line in errors.items():
+    assert name in line and "\n" not in line and f"FAILED  {line}" in err
+  written = sorted(os.path.relpath(os.path.join(r, f), out_dir)
+                   for r, _, fs in os.walk(out_dir) for f in fs)
+  assert written == ["good.png"]  # no half-written or temporary files
+
+
+def test_fatal_problems_are_one_line_errors(capsys, tmp_path, bundle_dir, no_extractor_bundle,
+                                            key_file, monkeypatch):
+  monkeypatch.delenv(keys.KEY_ENV, raising=False)
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  cases = [
+      (["recover", GROUP, "--bundle", no_extractor_bundle, "--key", key_file, "--out",
+        str(tmp_path / "o")], "bundle has no extractor"),
+      (["anonymize", GROUP, "--bundle", bundle_dir, "--key", key_file, "--out",
+        str(blocker / "sub")], "output folder not writable"),
+      (["anonymize", GROUP, "--bundle", bundle_dir, "--out", str(tmp_path / "o")], "no key"),
+      (["anonymize", GROUP, "--bundle", str(tmp_path / "none"), "--key", key_file, "--out",
+        str(tmp_path / "o")], "bundle folder not found"),
+      (["anonymize", GROUP, "--bundle", bundle_dir, "--key", str(blocker), "--out",
+        str(tmp_path / "o")], "not a valid g2face key file"),
+  ]
+  for argv, message in cases:
+    code, out, err = _run(capsys, *argv)
+    assert code == 2 and message in err and err.count("\n") == 1, (argv, err)
+
+
+def test_key_from_environment_and_aligned_crops(capsys, tmp_path, bundle_dir, photo, monkeypatch):
+  key = keys.generate()
+  monkeypatch.setenv(keys.KEY_ENV, key.material.hex())
+  crop = anonymizer.to_uint8(faces.align(photo, faces.detect(photo)[0].quad, 64))
+  Image.fromarray(crop).save(tmp_path / "crop.png")
+  outputs = {}
+  for mode in ("consistent", "random"):
+    code, out, err = _run(capsys, "anonymize", str(tmp_path / "crop.png"), "--aligned",
+                          "--identity", mode, "--bundle", bundle_dir, "--out", str(tmp_path / mode))
+    assert code == 0, err
+    outputs[mode] = np.asarray(Image.open(tmp_path / mode / "crop.png"))
+    assert key.material.hex() not in out + err
+  assert outputs["consistent"].shape == (32, 32, 3)
+  assert np.any(outputs["consistent"] != outputs["random"])
+  stamp = anonymizer.read_stamp(str(tmp_path / "random" / "crop.png"))
+  assert stamp.aligned and stamp.quads == ()
+  Image.fromarray(crop[:, :40]).save(tmp_path / "oblong.png")
+  code, out, err = _run(capsys, "anonymize", str(tmp_path / "oblong.png"), "--aligned",
+                        "--bundle", bundle_dir, "--out", str(tmp_path / "x"))
+  assert code == 1 and "must be square" in out
+
+
+def test_keygen_command(capsys, tmp_path, monkeypatch):
+  path = str(tmp_path / "new.key")
+  code, out, _ = _run(capsys, "keygen", "--out", path)
+  assert code == 0 and oct(os.stat(path).st_mode & 0o777) == "0o600"
+  material = keys.load(path).material.hex()
+  assert material not in out
+  code, _, err = _run(capsys, "keygen", "--out", path)
+  assert code == 2 and "already exists" in err
+  monkeypatch.setenv(keys.PASSPHRASE_ENV, "a passphrase")
+  code, _, _ = _run(capsys, "keygen", "--out", str(tmp_path / "p.key"), "--passphrase")
+  assert code == 0 and json.load(open(tmp_path / "p.key"))["kind"] == "scrypt"
+
+
+def test_stamp_round_trip_and_unknown_stamp():
+  stamp = anonymizer.Stamp("secure", "float", 32, False, ([[0, 0], [0, 1], [1, 1], [1, 0]],))
+  assert anonymizer.Stamp.from_json(stamp.to_json()) == anonymizer.Stamp(
+      "secure", "float", 32, False, ([[0.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, 0.0]],))
+  with pytest.raises(ValueError, match="stamp format"):
+    anonymizer.Stamp.from_json('{"format": "other"}')
+  assert secure_payload.DEFAULT_LAYOUT == "float"
