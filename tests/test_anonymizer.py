@@ -311,3 +311,16 @@ def test_stamp_round_trip_and_unknown_stamp():
   with pytest.raises(ValueError, match="stamp format"):
     anonymizer.Stamp.from_json('{"format": "other"}')
   assert secure_payload.DEFAULT_LAYOUT == "float"
+
+
+def test_photo_without_stamp_or_payload_is_redetected_and_reported(capsys, tmp_path, bundle_dir,
+                                                                   key_file):
+  """No stamp: recovery re-detects the faces; a photo never anonymized has no payload."""
+  code, out, _ = _run(capsys, "recover", GROUP, "--bundle", bundle_dir, "--key", key_file,
+                      "--out", str(tmp_path / "rec"))
+  assert code == 1 and f"{GROUP}: face 0: no g2face payload found" in out
+
+
+def test_package_exports_the_anonymizer():
+  import g2face_jax
+  assert g2face_jax.Anonymizer is anonymizer.Anonymizer
