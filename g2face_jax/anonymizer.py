@@ -239,7 +239,7 @@ class Anonymizer:
     try:
       decoded = secure_payload.decode(self.key, np.asarray(extracted["logits"][0]), layout)
     except secure_payload.AuthenticationError:
-      raise FileError(f"face {face}: wrong key (payload authentication failed)") from None
+      raise FileError(f"face {face}: wrong key or tampered payload (authentication failed)") from None
     except secure_payload.NoPayloadError:
       raise FileError(f"face {face}: no g2face payload found (or damaged beyond repair)") from None
     except secure_payload.PayloadError as e:
