@@ -119,6 +119,29 @@ def _verify(args) -> int:
   return 0
 
 
+def _eval(args) -> int:
+  from tqdm import tqdm
+
+  from g2face_jax import anonymizer
+  from g2face_jax.eval import report
+  try:
+    tool = _photo_tool(args, "anonymize")
+    tool.require("recover")
+    summary = report.run(tool, args.data, args.out, limit=args.limit,
+                         progress=lambda items: tqdm(items, desc="eval", unit="image",
+                                                     file=sys.stderr, disable=None))
+  except Exception as e:  # one line unless --debug
+    if args.debug:
+      raise
+    print(f"g2face eval: error: {e}", file=sys.stderr)
+    return 2
+  with open(os.path.join(args.out, "report.md")) as f:
+    print(f.read())
+  for failure in summary["failures"]:
+    print(f"FAILED  {failure}", file=sys.stderr)
+  return 1 if summary["failures"] or not summary["images"] else 0
+
+
 def _photo_arguments(p, inputs: bool = True) -> None:
   if inputs:
     p.add_argument("inputs", nargs="+", metavar="IN", help="image files or folders (recursive)")
@@ -197,6 +220,19 @@ def build_parser() -> argparse.ArgumentParser:
                  help="code to read when the file has no g2face stamp (default secure)")
   _photo_arguments(p, inputs=False)
   p.set_defaults(run=_verify)
+
+  p = sub.add_parser("eval", help="the paper's metrics on a folder of aligned face images: "
+                     "metrics.json, report.md and grid.png in --out")
+  p.add_argument("--data", nargs="+", required=True, help="image files or folders (each image one "
+                 "aligned face crop)")
+  p.add_argument("--out", required=True, help="report folder")
+  p.add_argument("--limit", type=int, help="evaluate at most N images")
+  _photo_arguments(p, inputs=False)
+  p.add_argument("--codec", choices=("secure", "official"), default="secure",
+                 help="payload code (default: secure)")
+  p.add_argument("--identity", choices=("consistent", "random"), default="consistent",
+                 help="virtual identity mode (default: consistent)")
+  p.set_defaults(run=_eval)
   return parser
 
 
