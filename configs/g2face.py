@@ -5,7 +5,12 @@ Variants (pick with `configs/g2face.py:VARIANT[,key=value...]`):
   smoke  64x64, narrow: a quick end-to-end run on CPU
   tiny   32x32, very narrow: unit tests and notebooks in CI
 Overrides after the variant set top-level-or-dotted fields, e.g.
-`configs/g2face.py:paper,model.size=128`.
+`configs/g2face.py:paper,model.size=128` or `smoke,train.num_steps=50`.
+
+Training sections (read by `g2face_jax.train`): `train` (optimizer, schedule,
+batch), `loss` (weights of the official recipe), `data`, `pretrained` (files a
+user brings; empty = random initialisation), `checkpoint`, `log` and `mesh`.
+The paper values are the official recipe (see the "Training recipe" spec).
 """
 from __future__ import annotations
 
@@ -27,16 +32,78 @@ def _model(size: int, channels: tuple[int, ...], style_dim: int) -> ml_collectio
   ))
 
 
+def _training(global_batch: int, replica_batch: int, num_steps: int) -> dict:
+  """Training sections with the official recipe's values; the variants set the sizes."""
+  return dict(
+      train=ml_collections.ConfigDict(dict(
+          seed=2024,                    # official default seed
+          global_batch=global_batch,    # paper: 8 per GPU x 4 GPUs
+          # Official per-GPU batch: BatchNorm statistics (map_2_id, extractor), the
+          # identity-diversity pairs and the discriminator's minibatch-stddev groups are
+          # computed within groups of this many samples, as on each official GPU.
+          replica_batch=replica_batch,
+          num_steps=num_steps,          # iterations (each: anonymize, recover, discriminator)
+          steps_per_epoch=0,            # 0: len(dataset) // global_batch (drop-last epochs)
+          lr=1e-3,                      # new modules, style mapper, map_2_id, extractor
+          pretrained_lr_mult=0.1,       # StyleGAN2 synthesis layers of the decoder
+          disc_lr=1e-3,                 # discriminator, constant
+          adam_b1=0.0,
+          adam_b2=0.999,
+          adam_eps=1e-8,
+          warmup_epochs=10,             # lr * e / warmup over epochs 1..warmup, then lr
+          decay_per_epoch=0.95,         # x0.95 per epoch after warmup + 1
+          r1_every=16,                  # R1 on iterations that are multiples of this
+          hiding_input_noise=0.01,      # std of N(0, s^2) added before the extractor
+      )),
+      loss=ml_collections.ConfigDict(dict(
+          identity=1.0, diversity=1.0, shape=1.0, landmark=0.01, color=1.0,
+          l1=1.0, lpips=1.0, gan=1.0, hiding=10.0, r1=5.0,
+      )),
+      data=ml_collections.ConfigDict(dict(
+          # 'demo' (bundled LFW face crops from scikit-image), an image folder,
+          # 'arrayrecord:GLOB' (written by `g2face prepare-data`) or 'tfds:NAME[:SPLIT]'.
+          source="demo",
+          flip=True,                    # random horizontal flip
+          shuffle_seed=0,
+          workers=0,                    # Grain worker processes (0: in the main process)
+          prefetch=2,                   # batches read ahead per worker
+      )),
+      pretrained=ml_collections.ConfigDict(dict(
+          stylegan2="",     # 550000.pt: g_ema into the decoder's synthesis layers
+          arcface="",       # ms1mv3_arcface_r50.pth
+          recon_net="",     # Deep3DFaceRecon epoch_20.pth
+          lpips_vgg="",     # torchvision vgg16 features state dict
+          lpips_heads="",   # lpips v0.1 vgg.pth
+          bfm="",           # BFM_model_front.mat; empty: a small random synthetic BFM
+      )),
+      checkpoint=ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True)),
+      log=ml_collections.ConfigDict(dict(every_steps=10, sample_every_steps=500, samples=4,
+                                         profile_steps=0)),
+      mesh=ml_collections.ConfigDict(dict(
+          data=-1,          # -1: all devices not used by fsdp
+          fsdp=1,           # parameter (and batch) sharding axis
+          # logical axis -> mesh axes: the batch over both axes, parameters over fsdp
+          axis_rules=(("batch", ("data", "fsdp")), ("params", "fsdp")),
+          fsdp_min_size=2 ** 12,  # parameters with fewer elements stay replicated
+      )),
+  )
+
+
 def _variant(name: str) -> ml_collections.ConfigDict:
   if name == "paper":
     model = _model(256, PAPER_CHANNELS, 512)
+    training = _training(global_batch=32, replica_batch=8, num_steps=100_000)
   elif name == "smoke":
     model = _model(64, (64, 64, 64, 32, 16), 64)
+    model.arcface_layers = (1, 1, 1, 1)  # narrow random ArcFace: CPU-sized (no weights to load)
+    training = _training(global_batch=4, replica_batch=4, num_steps=200)
   elif name == "tiny":
     model = _model(32, (32, 32, 16, 16), 32)
+    model.arcface_layers = (1, 1, 1, 1)
+    training = _training(global_batch=4, replica_batch=2, num_steps=2)
   else:
     raise ValueError(f"unknown config variant '{name}' (paper, smoke, tiny)")
-  return ml_collections.ConfigDict(dict(variant=name, model=model))
+  return ml_collections.ConfigDict(dict(variant=name, model=model, **training))
 
 
 def _parse_value(text: str):
