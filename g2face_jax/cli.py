@@ -122,7 +122,6 @@ def _verify(args) -> int:
 def _eval(args) -> int:
   from tqdm import tqdm
 
-  from g2face_jax import anonymizer
   from g2face_jax.eval import report
   try:
     tool = _photo_tool(args, "anonymize")
@@ -140,6 +139,16 @@ def _eval(args) -> int:
   for failure in summary["failures"]:
     print(f"FAILED  {failure}", file=sys.stderr)
   return 1 if summary["failures"] or not summary["images"] else 0
+
+
+def _bench(args) -> int:
+  import json
+
+  from g2face_jax import bench
+  for batch in bench.parse_batches(args.batch):
+    result = bench.run(args.config, batch, args.rounds)
+    print(json.dumps(result) if args.json else bench.format_result(result), flush=True)
+  return 0
 
 
 def _photo_arguments(p, inputs: bool = True) -> None:
@@ -233,6 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--identity", choices=("consistent", "random"), default="consistent",
                  help="virtual identity mode (default: consistent)")
   p.set_defaults(run=_eval)
+
+  p = sub.add_parser("bench", help="time anonymize and recover per image on random weights "
+                     "(compile apart, XLA FLOPs, GFLOP/s, peak memory, device)")
+  p.add_argument("--config", default="paper", help="config spec (default: paper)")
+  p.add_argument("--batch", default="1", help="batch size(s), comma-separated (default: 1)")
+  p.add_argument("--rounds", type=int, default=3, help="timed runs after the compiling one; "
+                 "the best counts (default: 3)")
+  p.add_argument("--json", action="store_true", help="one JSON object per batch size on stdout")
+  p.set_defaults(run=_bench)
   return parser
 
 

@@ -2,8 +2,10 @@
 import os
 
 import jax
+import numpy as np
 import pytest
 
+from g2face_jax import config, models
 from g2face_jax.parity import nhwc, rel_err  # noqa: F401  (shared by the tests)
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -16,3 +18,43 @@ FIXTURES = os.environ.get(
 @pytest.fixture(scope="session")
 def fixtures_dir():
   return FIXTURES
+
+
+def random_variables(model_cfg, names, seed=0):
+  """Random variables of the named networks, drawn like their own initializers but
+  without running `init` (which compiles for minutes on a busy CPU): equalized
+  weights N(0, 1) (N(0, 100^2) in the style mapper, lr multiplier 0.01),
+  modulation biases 1, plain kernels N(0, 1/(3 fan_in)), other biases 0,
+  scales 1, BatchNorm statistics (0, 1). The decoder's noise and hiding
+  strengths are 0.1 instead of 0, so that the key's noise and the hidden bits
+  reach the image."""
+  rng = np.random.default_rng(seed)
+
+  def fill(network, path, leaf):
+    names_ = [getattr(p, "key", str(p)) for p in path]
+    shape, last = leaf.shape, names_[-1]
+    if names_[0] == "batch_stats":
+      value = np.ones(shape) if last == "var" else np.zeros(shape)
+    elif last == "bias":
+      value = np.full(shape, 1.0 if "modulation" in names_ else 0.0)
+    elif len(shape) <= 1:
+      value = np.full(shape, 0.1 if network == "decoder" and last == "weight" else 1.0)
+    elif last == "kernel":
+      value = rng.standard_normal(shape) / np.sqrt(3 * np.prod(shape[:-1]))
+    else:
+      value = rng.standard_normal(shape) * (100.0 if network == "style_mapper" else 1.0)
+    return value.astype(leaf.dtype)
+
+  out = {}
+  for name in names:
+    module = models.build(model_cfg, name)
+    shapes = jax.eval_shape(module.init, jax.random.key(0), *models.example_inputs(model_cfg, name))
+    out[name] = jax.tree_util.tree_map_with_path(lambda p, l, n=name: fill(n, p, l), shapes)
+  return out
+
+
+@pytest.fixture(scope="module")
+def tiny_config():
+  cfg = config.load("tiny")
+  cfg.model.arcface_layers = (1, 1, 1, 1)  # a shallow ArcFace keeps the tests fast
+  return cfg

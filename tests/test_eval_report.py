@@ -10,9 +10,9 @@ from skimage import data
 
 from g2face_jax import anonymizer, bundle, cli, keys, pipeline
 from g2face_jax.eval import report
-from test_anonymizer import PerfectExtractor, random_variables, tiny_config  # noqa: F401
+from test_anonymizer import PerfectExtractor
 
-from conftest import FIXTURES
+from conftest import FIXTURES, random_variables
 
 BFM_MAT = os.path.join(FIXTURES, "bfm_small", "BFM_model_front.mat")
 

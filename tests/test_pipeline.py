@@ -1,14 +1,12 @@
 """The anonymize / recover pipeline against the official pipeline fixture, and its
 composition on the tiny config."""
-import jax
 import numpy as np
 import pytest
 
-from g2face_jax import config as config_lib
-from g2face_jax import models, parity, payload, pipeline
+from g2face_jax import parity, payload, pipeline
 from g2face_jax.nn import decoder
 
-from conftest import FIXTURES
+from conftest import FIXTURES, random_variables
 
 
 def test_every_stage_matches_the_official_pipeline():
@@ -19,10 +17,10 @@ def test_every_stage_matches_the_official_pipeline():
 
 
 @pytest.fixture(scope="module")
-def tiny():
-  model = config_lib.load("tiny").model
+def tiny(tiny_config):
+  model = tiny_config.model
   nets = pipeline.Networks.from_config(model)
-  variables = models.init_variables(model, jax.random.key(0), pipeline.NETWORKS)
+  variables = random_variables(model, pipeline.NETWORKS)
   rng = np.random.default_rng(0)
   x = rng.uniform(-1, 1, (2, model.size, model.size, 3)).astype(np.float32)
   z = rng.standard_normal((2, model.identity_dim)).astype(np.float32)

@@ -22,8 +22,6 @@ import os
 import re
 from typing import Any
 
-import numpy as np
-
 from g2face_jax.convert.table import ConversionError
 
 TORCH_MISSING = "install the torch extra: pip install -e .[torch]"

@@ -7,7 +7,6 @@ import re
 from typing import Any, Mapping
 
 import jax
-import numpy as np
 from flax import traverse_util
 
 from g2face_jax.convert import table as T
