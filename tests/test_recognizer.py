@@ -29,7 +29,3 @@ def test_different_faces_are_farther_than_a_face_and_its_mirror(lfw):
   others = [recognizer.same_person(d[0], e)[0] for e in d[1:]]
   assert own < min(others)
 
-
-def test_crop_to_uint8_clips_and_rounds():
-  crop = np.array([[[-2.0, -1.0, 0.0], [1.0, 3.0, 0.5]]], np.float32)
-  np.testing.assert_array_equal(recognizer.crop_to_uint8(crop), [[[0, 0, 128], [255, 255, 191]]])

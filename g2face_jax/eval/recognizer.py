@@ -44,11 +44,6 @@ def descriptor(image: np.ndarray) -> np.ndarray | None:
   return np.asarray(net.compute_face_descriptor(image, shapes(image, best)), np.float32)
 
 
-def crop_to_uint8(crop: np.ndarray) -> np.ndarray:
-  """(H, W, 3) float in [-1, 1] -> uint8 RGB, clipped as the official code writes images."""
-  return np.round((np.clip(crop, -1, 1) + 1) * 127.5).astype(np.uint8)
-
-
 def same_person(a: np.ndarray, b: np.ndarray) -> tuple[float, bool]:
   """Descriptor distance and dlib's decision (distance < 0.6)."""
   distance = float(np.linalg.norm(np.asarray(a) - np.asarray(b)))
