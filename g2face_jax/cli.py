@@ -151,6 +151,32 @@ def _bench(args) -> int:
   return 0
 
 
+def _train(args) -> int:
+  from g2face_jax import config as config_lib
+  from g2face_jax.train import export, loop
+  config = config_lib.load(args.config)
+  if args.compile_cache:
+    import jax
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(args.compile_cache))
+  export.save_config_spec(args.workdir, args.config)
+  summary = loop.train(config, args.workdir)
+  return 0 if summary["end_step"] >= config.train.num_steps or summary["stopped_by_signal"] else 1
+
+
+def _export(args) -> int:
+  from g2face_jax.train import export
+  export.export(args.workdir, args.out)
+  return 0
+
+
+def _prepare_data(args) -> int:
+  from g2face_jax.datasets import prepare
+  paths = prepare.prepare(args.folder, args.out, size=args.size, images_per_shard=args.per_shard)
+  print(f"{len(paths)} shard(s); train with data.source=arrayrecord:"
+        f"{os.path.join(os.path.abspath(args.out), 'images-*.array_record')}")
+  return 0
+
+
 def _photo_arguments(p, inputs: bool = True) -> None:
   if inputs:
     p.add_argument("inputs", nargs="+", metavar="IN", help="image files or folders (recursive)")
@@ -251,6 +277,30 @@ def build_parser() -> argparse.ArgumentParser:
                  "the best counts (default: 3)")
   p.add_argument("--json", action="store_true", help="one JSON object per batch size on stdout")
   p.set_defaults(run=_bench)
+
+  p = sub.add_parser("train", help="train G2Face (the official recipe) with checkpoints, metrics "
+                     "and sample grids in --workdir; resumes from its newest checkpoint")
+  p.add_argument("--config", default="configs/g2face.py:smoke",
+                 help="config spec FILE.py:VARIANT[,key=value...] (default: the CPU smoke run)")
+  p.add_argument("--workdir", required=True, help="folder for checkpoints, metrics and samples")
+  p.add_argument("--compile-cache", default=os.path.join(os.path.expanduser("~"), ".cache",
+                                                         "g2face_jax", "xla"),
+                 help="persistent XLA compilation cache ('' to disable)")
+  p.set_defaults(run=_train)
+
+  p = sub.add_parser("export", help="write the newest checkpoint of a training workdir as a "
+                     "model bundle for anonymize/recover")
+  p.add_argument("--workdir", required=True, help="training workdir")
+  p.add_argument("--out", required=True, help="bundle folder to write (new or empty)")
+  p.set_defaults(run=_export)
+
+  p = sub.add_parser("prepare-data", help="pack an image folder (recursive) into ArrayRecord "
+                     "shards for training")
+  p.add_argument("folder", metavar="FOLDER", help="folder of jpg/png images")
+  p.add_argument("--out", required=True, help="folder for the shards")
+  p.add_argument("--size", type=int, help="resize to SIZE x SIZE first (default: keep the files)")
+  p.add_argument("--per-shard", type=int, default=10_000, help="images per shard")
+  p.set_defaults(run=_prepare_data)
   return parser
 
 

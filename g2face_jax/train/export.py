@@ -1,0 +1,65 @@
+"""`g2face export`: the newest checkpoint of a training workdir -> a model bundle.
+
+The bundle holds the trained decoder, style mapper, map_2_id, extractor and
+discriminator, and the frozen networks and BFM the run trained with (converted
+files, or the same random stand-ins for smoke runs), so `g2face anonymize
+--bundle OUT` runs the trained model.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+
+from g2face_jax import bundle
+from g2face_jax import config as config_lib
+from g2face_jax.train import checkpoint as checkpoint_lib
+from g2face_jax.train import frozen as frozen_lib
+from g2face_jax.train import runtime
+from g2face_jax.train import state as state_lib
+
+CONFIG_SPEC = "config_spec.txt"  # the --config string of the run, written by `g2face train`
+
+
+def save_config_spec(workdir: str, spec: str) -> None:
+  path, sep, rest = spec.partition(".py")
+  if sep:
+    spec = os.path.abspath(path + sep) + rest
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, CONFIG_SPEC), "w", encoding="utf-8") as f:
+    f.write(spec + "\n")
+
+
+def load_config(workdir: str):
+  path = os.path.join(workdir, CONFIG_SPEC)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: not a training workdir (no {CONFIG_SPEC})")
+  with open(path, encoding="utf-8") as f:
+    return config_lib.load(f.read().strip())
+
+
+def export(workdir: str, out: str, log=print) -> str:
+  """Write the bundle of workdir's newest readable checkpoint to `out`; returns its path."""
+  config = load_config(workdir)
+  frozen = frozen_lib.frozen_variables(config, jax.random.key(config.train.seed + 1))
+  rt = runtime.create(config, 1, frozen, devices=jax.local_devices()[:1])
+  abstract = jax.eval_shape(lambda: runtime.init_state(rt, jax.random.key(0)))
+  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
+  try:
+    state, step = checkpointer.restore_state(
+        checkpoint_lib.abstract_with_shardings(abstract, rt.state_sharding))
+  finally:
+    checkpointer.close()
+  state = jax.device_get(state)
+  variables = {}
+  for name in state_lib.GENERATOR_NETS:
+    variables[name] = {"params": state.params[name]}
+    if name in state.batch_stats:
+      variables[name]["batch_stats"] = state.batch_stats[name]
+  variables["discriminator"] = {"params": state.disc_params}
+  for name in frozen_lib.FROZEN_NETS:
+    variables[name] = jax.device_get(frozen[name])
+  sources = {k: v for k, v in config.pretrained.items() if v}
+  path = bundle.save(out, config, variables, bfm=jax.device_get(frozen["bfm"]), sources=sources)
+  log(f"exported step {step} of {workdir} to {path}")
+  return path

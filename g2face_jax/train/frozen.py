@@ -1,0 +1,83 @@
+"""The frozen networks of training (ArcFace, 3DMM regressor, LPIPS) and the BFM.
+
+Each comes from the file named in the config's `pretrained` section when one
+is given, else from a random initialisation (smoke and test runs: the losses
+run, but identity and geometry then mean nothing). Without a BFM file a small
+random synthetic face model stands in: a bumpy height-field mesh with random
+shape bases, documented as such and only for runs without the real
+`BFM_model_front.mat`.
+"""
+from __future__ import annotations
+
+import logging
+
+import jax
+import ml_collections
+import numpy as np
+
+from g2face_jax import models
+from g2face_jax.nn.bfm import BFM
+
+FROZEN_NETS = ("arcface", "recon_net", "lpips")
+
+
+def synthetic_bfm(seed: int = 0, grid: int = 12) -> BFM:
+  """A random stand-in BFM: grid x grid vertices of a bumpy surface in [-1, 1]^2 (z in
+  [0, 0.3]), two triangles per cell, N(0, 0.01) id / exp bases, 68 random keypoints."""
+  rng = np.random.default_rng(seed)
+  u = np.linspace(-1.0, 1.0, grid, dtype=np.float32)
+  xx, yy = np.meshgrid(u, u)
+  zz = 0.3 * (1 - xx ** 2) * (1 - yy ** 2) + 0.02 * rng.standard_normal(xx.shape)
+  mean = np.stack([xx, yy, zz], -1).reshape(-1, 3).astype(np.float32)
+  mean -= mean.mean(axis=0)
+  n = mean.shape[0]
+  idx = np.arange(n).reshape(grid, grid)
+  a, b, c, d = idx[:-1, :-1].ravel(), idx[:-1, 1:].ravel(), idx[1:, :-1].ravel(), idx[1:, 1:].ravel()
+  faces = np.concatenate([np.stack([a, c, b], 1), np.stack([b, c, d], 1)]).astype(np.int32)
+  n_faces, k = faces.shape[0], 8
+  point_buf = np.full((n, k), n_faces, np.int32)  # n_faces = the appended zero normal
+  fill = np.zeros(n, np.int64)
+  for f, tri in enumerate(faces):
+    for v in tri:
+      point_buf[v, fill[v]] = f
+      fill[v] += 1
+  return BFM(mean_shape=mean,
+             id_base=(0.01 * rng.standard_normal((n, 3, 80))).astype(np.float32),
+             exp_base=(0.01 * rng.standard_normal((n, 3, 64))).astype(np.float32),
+             face_buf=faces, point_buf=point_buf,
+             keypoints=rng.choice(n, 68, replace=False).astype(np.int32))
+
+
+def load_bfm(pretrained: ml_collections.ConfigDict) -> BFM:
+  if pretrained.bfm:
+    from g2face_jax.convert import bfm as bfm_convert
+    return bfm_convert.load_mat(pretrained.bfm)
+  logging.warning("no BFM file given (pretrained.bfm): using a small random synthetic BFM")
+  return synthetic_bfm()
+
+
+def _converted(config: ml_collections.ConfigDict, name: str, variables: dict) -> dict:
+  """Variables of frozen net `name` from its configured file, or `variables` when none."""
+  p = config.pretrained
+  if name == "lpips" and (p.lpips_vgg or p.lpips_heads):
+    if not (p.lpips_vgg and p.lpips_heads):
+      raise ValueError("LPIPS needs both pretrained.lpips_vgg and pretrained.lpips_heads")
+    from g2face_jax.convert import checkpoint_io, sources
+    vgg, heads = (checkpoint_io.load_state_file(f) for f in (p.lpips_vgg, p.lpips_heads))
+    return sources.convert_lpips(vgg, heads, p.lpips_vgg, p.lpips_heads)["lpips"]
+  path = {"arcface": p.arcface, "recon_net": p.recon_net}.get(name, "")
+  if not path:
+    logging.warning("no pretrained weights for frozen network %s: random initialisation", name)
+    return variables
+  from g2face_jax.convert import checkpoint_io, sources
+  content = checkpoint_io.load_state_file(path)
+  convert = {"arcface": sources.convert_arcface, "recon_net": sources.convert_d3dfr}[name]
+  return convert(content, config.model, path)[name]
+
+
+def frozen_variables(config: ml_collections.ConfigDict, rng: jax.Array) -> dict:
+  """{'arcface', 'recon_net', 'lpips': variables, 'bfm': BFM} for the train step."""
+  fresh = models.init_variables(config.model, rng, FROZEN_NETS)
+  out = {name: _converted(config, name, fresh[name]) for name in FROZEN_NETS}
+  out["bfm"] = load_bfm(config.pretrained)
+  return out
