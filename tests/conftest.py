@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from g2face_jax import config, models
+from g2face_jax import config, keys, models
 from g2face_jax.parity import nhwc, rel_err  # noqa: F401  (shared by the tests)
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -18,6 +18,14 @@ FIXTURES = os.environ.get(
 @pytest.fixture(scope="session")
 def fixtures_dir():
   return FIXTURES
+
+
+@pytest.fixture(scope="module")
+def key_file(tmp_path_factory):
+  """A fresh random key file."""
+  path = str(tmp_path_factory.mktemp("keys") / "a.key")
+  keys.write_key_file(path)
+  return path
 
 
 def random_variables(model_cfg, names, seed=0):

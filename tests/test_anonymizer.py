@@ -40,13 +40,6 @@ def no_extractor_bundle(tmp_path_factory, tiny_config):
 
 
 @pytest.fixture(scope="module")
-def key_file(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("keys") / "a.key")
-  keys.write_key_file(path)
-  return path
-
-
-@pytest.fixture(scope="module")
 def other_key_file(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("keys") / "b.key")
   keys.write_key_file(path)

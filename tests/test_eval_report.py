@@ -36,13 +36,6 @@ def eval_bundle(tmp_path_factory, tiny_config):
   return path
 
 
-@pytest.fixture(scope="module")
-def key_file(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("key") / "key.json")
-  keys.write_key_file(path)
-  return path
-
-
 def test_eval_command_writes_the_report(capsys, tmp_path, faces_dir, eval_bundle, key_file):
   out = tmp_path / "report"
   code = cli.main(["eval", "--data", faces_dir, "--bundle", eval_bundle, "--key", key_file,
