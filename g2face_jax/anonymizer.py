@@ -86,6 +86,7 @@ class FileResult:
   error: str | None = None
   cosines: list | None = None  # verify only
   match: list | None = None    # verify only
+  video: dict | None = None    # videos only: `video.anonymize_video` / `recover_video` summary
 
   @property
   def ok(self) -> bool:
@@ -213,10 +214,12 @@ class Anonymizer:
 
   # --- one face ---
 
-  def _anonymize_face(self, crop: np.ndarray, context: bytes) -> np.ndarray:
-    x = crop[None]
-    analysis = pipeline.analyze(self.nets, self.variables, x)
-    arc_id = np.asarray(analysis["arc_id"], np.float32)
+  def face_code(self, identity: np.ndarray, context: bytes) -> tuple[np.ndarray, np.ndarray,
+                                                                     list[np.ndarray]]:
+    """The key-driven inputs of one face: dummy-identity input z (1, 512), hidden bits
+    (1, 512, 32) of `identity` (512,) and decoder noise (per layer (1, r, r, 1));
+    `context` names the face (random z, payload nonce, noise)."""
+    arc_id = np.asarray(identity, np.float32)[None]
     if self.identity == "consistent":
       z = keys.consistent_z(self.key, arc_id)
     else:
@@ -225,25 +228,36 @@ class Anonymizer:
       bits = secure_payload.encode(self.key, arc_id[0], context, self.layout)[None]
     else:
       bits = np.asarray(payload.float_to_bits(arc_id))
-    out = pipeline.anonymize(self.nets, self.variables, x, analysis["coeff"], z, bits,
-                             self._noise(b"anonymize/" + context))
+    return z, bits, self._noise(b"anonymize/" + context)
+
+  def _anonymize_face(self, crop: np.ndarray, context: bytes) -> np.ndarray:
+    x = crop[None]
+    analysis = pipeline.analyze(self.nets, self.variables, x)
+    z, bits, noise = self.face_code(np.asarray(analysis["arc_id"][0]), context)
+    out = pipeline.anonymize(self.nets, self.variables, x, analysis["coeff"], z, bits, noise)
     return np.asarray(out["anon"][0])
 
   def _hidden_identity(self, crop: np.ndarray, codec: str, layout: str | None,
                        face: int) -> tuple[np.ndarray, np.ndarray]:
     """(identity (512,), extracted bits (512, 32)) of one anonymized crop."""
     extracted = pipeline.extract_identity(self.nets, self.variables, crop[None])
-    bits = np.asarray(extracted["bits"][0])
+    return self.read_payload(np.asarray(extracted["logits"][0]), codec, layout, f"face {face}")
+
+  def read_payload(self, logits: np.ndarray, codec: str, layout: str | None,
+                   name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Extractor logits (512, 32) -> (identity (512,), hard bits (512, 32)); FileError
+    starting with `name` when the payload is missing, damaged or locked with another key."""
+    bits = np.asarray(payload.bits_from_logits(logits))
     if codec == "official":
-      return np.asarray(extracted["extracted_id"][0]), bits
+      return np.asarray(payload.decode_identity(bits)), bits
     try:
-      decoded = secure_payload.decode(self.key, np.asarray(extracted["logits"][0]), layout)
+      decoded = secure_payload.decode(self.key, logits, layout)
     except secure_payload.AuthenticationError:
-      raise FileError(f"face {face}: wrong key or tampered payload (authentication failed)") from None
+      raise FileError(f"{name}: wrong key or tampered payload (authentication failed)") from None
     except secure_payload.NoPayloadError:
-      raise FileError(f"face {face}: no g2face payload found (or damaged beyond repair)") from None
+      raise FileError(f"{name}: no g2face payload found (or damaged beyond repair)") from None
     except secure_payload.PayloadError as e:
-      raise FileError(f"face {face}: {e}") from None
+      raise FileError(f"{name}: {e}") from None
     return decoded.identity, bits
 
   # --- photos (arrays) ---
@@ -303,13 +317,24 @@ class Anonymizer:
 
   # --- files ---
 
-  def anonymize_file(self, src: str, dst: str, aligned: bool = False) -> FileResult:
+  def anonymize_file(self, src: str, dst: str, aligned: bool = False,
+                     video_options=None) -> FileResult:
+    """A photo -> PNG, or a video (by content) -> Matroska (`video.Options` apply)."""
+    if _is_video(src, aligned):
+      from g2face_jax import video
+      summary = video.anonymize_video(self, src, dst, video_options or video.Options())
+      return FileResult(src, dst, faces=summary["anonymized_tracks"], video=summary)
     image = _read(src)
     out, stamp = self.anonymize_image(image, aligned)
     write_png(dst, out, stamp)
     return FileResult(src, dst, faces=max(len(stamp.quads), 1))
 
-  def recover_file(self, src: str, dst: str, aligned: bool = False) -> FileResult:
+  def recover_file(self, src: str, dst: str, aligned: bool = False,
+                   video_options=None) -> FileResult:
+    if _is_video(src, aligned):
+      from g2face_jax import video
+      summary = video.recover_video(self, src, dst, video_options or video.Options())
+      return FileResult(src, dst, faces=summary["recovered_tracks"], video=summary)
     out, n_faces = self.recover_image(_read(src), read_stamp(src), aligned)
     write_png(dst, out)
     return FileResult(src, dst, faces=n_faces)
@@ -335,6 +360,15 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
   return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
 
 
+def _is_video(path: str, aligned: bool) -> bool:
+  from g2face_jax import video
+  if not video.is_video(path):
+    return False
+  if aligned:
+    raise FileError("--aligned takes photos of aligned faces, not videos")
+  return True
+
+
 def _read(path: str) -> np.ndarray:
   try:
     return faces.read_image(path)
@@ -346,18 +380,25 @@ def _read(path: str) -> np.ndarray:
 
 def collect_inputs(paths: Iterable[str]) -> list[tuple[str, str]]:
   """(path, output name) of every input: files as given, folders walked recursively for
-  image files (sorted); the output name keeps the relative path, with a .png suffix."""
+  image and video files (sorted); the output name keeps the relative path, with a .png
+  suffix (a .mkv suffix for a video, recognized by its content)."""
+  from g2face_jax import video
+
+  def output_name(full: str, relative: str) -> str:
+    return os.path.splitext(relative)[0] + (video.OUTPUT_SUFFIX if video.is_video(full)
+                                            else ".png")
   items = []
   for path in paths:
     if os.path.isdir(path):
       for root, dirs, files in os.walk(path):
         dirs.sort()
         for name in sorted(files):
-          if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith("."):
+          if name.lower().endswith(IMAGE_SUFFIXES + video.VIDEO_SUFFIXES) and \
+              not name.startswith("."):
             full = os.path.join(root, name)
-            items.append((full, os.path.splitext(os.path.relpath(full, path))[0] + ".png"))
+            items.append((full, output_name(full, os.path.relpath(full, path))))
     else:
-      items.append((path, os.path.splitext(os.path.basename(path))[0] + ".png"))
+      items.append((path, output_name(path, os.path.basename(path))))
   return items
 
 

@@ -57,6 +57,33 @@ def _photo_tool(args, operation: str):
   return tool
 
 
+def _video_options(args, tool):
+  """anonymize / recover: the settings that apply to video inputs."""
+  from tqdm import tqdm
+
+  from g2face_jax import video
+  keep, only = getattr(args, "keep", None) or (), getattr(args, "only", None) or ()
+  return video.Options(
+      crf=getattr(args, "crf", None), keep_audio=args.keep_audio,
+      detect_every=getattr(args, "detect_every", 1), batch=args.batch,
+      measure=True if getattr(args, "measure_payload", False) else None,
+      keep=video.reference_identities(tool, keep), only=video.reference_identities(tool, only),
+      match_threshold=getattr(args, "match_threshold", video.MATCH_THRESHOLD),
+      progress=lambda desc, total: tqdm(total=total, desc=desc, unit="frame", file=sys.stderr,
+                                        disable=None, leave=False))
+
+
+def _file_line(r) -> str:
+  if not r.ok:
+    return f"FAILED  {r.error}"
+  if r.video is None:
+    return f"ok  {r.input} -> {r.output} ({r.faces} face(s))"
+  notes = "; ".join([r.video.get("note", "")] + r.video.get("warnings", []))
+  return (f"ok  {r.input} -> {r.output} ({r.video['frames']} frames, {r.faces} track(s), "
+          f"{r.video['frames_per_second']:.2f} frames/s)" + (f": {notes.strip('; ')}"
+                                                             if notes.strip("; ") else ""))
+
+
 def _photo_files(args, operation: str) -> int:
   """anonymize / recover: every input file (folders recursively), one line per file."""
   import json
@@ -68,13 +95,13 @@ def _photo_files(args, operation: str) -> int:
   try:
     tool = _photo_tool(args, operation)
     step = getattr(tool, f"{operation}_file")
+    video_options = _video_options(args, tool)
     results = anonymizer.run_files(
-        lambda src, dst: step(src, dst, aligned=args.aligned), args.inputs, args.out,
+        lambda src, dst: step(src, dst, aligned=args.aligned, video_options=video_options),
+        args.inputs, args.out,
         progress=lambda items: tqdm(items, desc=operation, unit="file", file=sys.stderr,
                                     disable=None, leave=False),
-        debug=args.debug,
-        report=lambda r: tqdm.write(f"ok  {r.input} -> {r.output} ({r.faces} face(s))" if r.ok
-                                    else f"FAILED  {r.error}", file=out))
+        debug=args.debug, report=lambda r: tqdm.write(_file_line(r), file=out))
   except Exception as e:  # one line unless --debug
     if args.debug:
       raise
@@ -190,6 +217,36 @@ def _photo_arguments(p, inputs: bool = True) -> None:
   p.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
 
 
+def _video_arguments(p, anonymize: bool) -> None:
+  g = p.add_argument_group("videos", "inputs FFmpeg reads as video (by content) give Matroska "
+                           "(.mkv) outputs: same size, frame count, frame rate and timestamps; "
+                           "input metadata is not copied")
+  g.add_argument("--keep-audio", action="store_true",
+                 help="copy the first audio track (default: dropped, since a voice identifies "
+                 "people too)")
+  g.add_argument("--batch", type=int, default=8, help="frames per batch (default 8)")
+  if not anonymize:
+    return
+  g.add_argument("--crf", type=int, metavar="N",
+                 help="lossy H.264 output at constant rate factor N (0-51; 18 looks lossless) "
+                 "instead of the default lossless FFV1: smaller, but RECOVERY MAY FAIL; the "
+                 "JSON summary gives the bit error rate measured on the written file")
+  g.add_argument("--measure-payload", action="store_true",
+                 help="measure the payload bit error rate on a lossless output too")
+  g.add_argument("--detect-every", type=int, default=1, metavar="K",
+                 help="run the face detector on every K-th frame only; tracks fill in between "
+                 "(default 1)")
+  people = g.add_mutually_exclusive_group()
+  people.add_argument("--keep", nargs="+", metavar="PHOTO",
+                      help="leave the people of these photos (largest face each) as they are, "
+                      "e.g. a consenting interviewer (ArcFace cosine >= --match-threshold)")
+  people.add_argument("--only", nargs="+", metavar="PHOTO",
+                      help="anonymize only the people of these photos")
+  g.add_argument("--match-threshold", type=float, default=0.3,
+                 help="ArcFace cosine from which a face is the reference person (default 0.3, "
+                 "a conventional ArcFace value: calibrate it)")
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="g2face", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
@@ -237,12 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--layout", choices=("float", "uniform"), default="float",
                  help="secure payload layout: 'float' keeps the exponent positions as the "
                  "official training bits had them (for the official weights); 'uniform' uses all bits")
+  _video_arguments(p, anonymize=True)
   p.set_defaults(run=_anonymize)
 
   p = sub.add_parser("recover", help="restore the original faces of anonymized photos with the key")
   _photo_arguments(p)
   p.add_argument("--codec", choices=("secure", "official"), default="secure",
                  help="code to read when a file has no g2face stamp (default secure)")
+  _video_arguments(p, anonymize=False)
   p.set_defaults(run=_recover)
 
   p = sub.add_parser("verify", help="decide whether the person hidden in an anonymized photo is "
