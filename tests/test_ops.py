@@ -41,7 +41,8 @@ RNG = np.random.default_rng(0)
 
 @pytest.mark.parametrize("up,down,pad", [(1, 1, (1, 1, 1, 1)), (2, 1, (2, 1, 2, 1)),
                                          (1, 2, (2, 2, 2, 2)), (1, 2, (1, 1, 1, 1)),
-                                         (2, 2, (-1, 3, 0, 2)), (3, 1, (1, 2, 0, 3))])
+                                         (2, 2, (-1, 3, 0, 2)), (3, 1, (1, 2, 0, 3)),
+                                         (2, 1, (1, 1, 1, 1)), (2, 1, (-1, 2, 0, 1))])
 def test_upfirdn2d_matches_numpy(up, down, pad):
   x = RNG.standard_normal((2, 7, 9, 3)).astype(np.float32)
   taps = ops.fir_taps([1, 3, 3, 1], up ** 2)
@@ -73,6 +74,22 @@ def test_conv_transpose2x_fast_and_reference_match_numpy(k):
   ref = conv_transpose_numpy(x, w)
   np.testing.assert_allclose(ops.conv_transpose2x(x, w), ref, atol=1e-4)
   np.testing.assert_allclose(ops.conv_transpose2x_reference(x, w), ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("k,pad", [(3, (1, 1)), (3, (2, 1)), (4, (0, 1, 2, 1)), (2, (1, 1))])
+def test_conv_transpose2x_fir_is_conv_transpose_then_blur(k, pad):
+  """The phase-domain fused form against the two plain reference ops and the NumPy loops."""
+  x = RNG.standard_normal((2, 5, 6, 4)).astype(np.float32)
+  w = RNG.standard_normal((k, k, 4, 3)).astype(np.float32)
+  taps = ops.fir_taps([1, 3, 3, 1], 4.0)
+  pads = ops._pads(pad)
+  ref = upfirdn2d_numpy(conv_transpose_numpy(x, w), np.outer(taps, taps), 1, 1, pads)
+  plain = ops.upfirdn2d_reference(ops.conv_transpose2x_reference(x, w), np.outer(taps, taps),
+                                  pad=pads)
+  out = ops.conv_transpose2x_fir(x, w, taps, pad)
+  assert out.shape == ref.shape
+  np.testing.assert_allclose(plain, ref, atol=1e-4)
+  np.testing.assert_allclose(out, ref, atol=1e-4)
 
 
 def test_instance_norm_matches_numpy():

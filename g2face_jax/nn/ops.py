@@ -80,6 +80,52 @@ def _upfirdn_1d(x: jax.Array, taps: np.ndarray, up: int, down: int, pad0: int,
   return out
 
 
+def _shifted(x: jax.Array, shift: int, length: int, axis: int) -> jax.Array:
+  """`x[shift : shift + length]` along `axis`, zeros where that runs outside x."""
+  n = x.shape[axis]
+  lo, hi = max(-shift, 0), max(shift + length - n, 0)
+  if lo or hi:
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (lo, hi)
+    x = jnp.pad(x, widths)
+  return jax.lax.slice_in_dim(x, shift + lo, shift + lo + length, axis=axis)
+
+
+def _fir_two_phases(phases: Sequence[jax.Array | None], taps: np.ndarray, pad0: int,
+                    out_len: int, axis: int) -> list[jax.Array]:
+  """FIR-filter a signal held as its two phases, returning the two phases of the result.
+
+  The signal is `y[2m + p] = phases[p][m]` (None: all zeros) along `axis`; the
+  result is `z[n] = sum_j taps[::-1][j] * y[n + j - pad0]` for `0 <= n < out_len`
+  (even), with y zero outside its range: `upfirdn2d`'s padding and filtering
+  along one axis, computed without interleaving y or multiplying by its zeros.
+  """
+  flipped = taps[::-1]
+  out = []
+  for q in range(2):
+    acc = None
+    for j, t in enumerate(flipped):
+      d = q + j - pad0
+      src = phases[d % 2]
+      if t == 0 or src is None:
+        continue
+      term = _shifted(src, d // 2, out_len // 2, axis) * float(t)
+      acc = term if acc is None else acc + term
+    out.append(acc)
+  return out
+
+
+def _interleave(grid: Sequence[Sequence[jax.Array]]) -> jax.Array:
+  """`out[:, 2m + p, 2n + q] = grid[p][q][:, m, n]`; each (B, M, N, C) -> (B, 2M, 2N, C)."""
+  b, m, n, c = grid[0][0].shape
+  rows = [jnp.stack(row, axis=3) for row in grid]  # (B, M, N, 2, C)
+  return jnp.stack(rows, axis=2).reshape(b, 2 * m, 2 * n, c)
+
+
+def _upfirdn_out_len(n: int, taps: int, up: int, down: int, pad0: int, pad1: int) -> int:
+  return (n * up + pad0 + pad1 - taps) // down + 1
+
+
 def upfirdn2d(x: jax.Array, taps: np.ndarray, up: int = 1, down: int = 1,
               pad=(0, 0)) -> jax.Array:
   """Separable upfirdn2d: x (B, H, W, C); `taps` the 1-D factor of the 2-D kernel.
@@ -87,13 +133,20 @@ def upfirdn2d(x: jax.Array, taps: np.ndarray, up: int = 1, down: int = 1,
   Same result as the official `upfirdn2d(x, outer(taps, taps), up, down, pad)`:
   zero-insertion up-sampling, padding (negative values crop), convolution with
   the kernel, then keeping every `down`-th sample. Written as shifted adds, one
-  axis at a time: far faster on CPU than a depthwise convolution.
+  axis at a time: far faster on CPU than a depthwise convolution. 2x
+  up-sampling to an even size runs in polyphase form (each output phase a
+  short FIR of x, no inserted zeros).
   """
   taps = np.asarray(taps, np.float32)
   if taps.ndim != 1:
     raise ValueError(f"upfirdn2d takes 1-D separable taps, got shape {taps.shape}; "
                      "use upfirdn2d_reference for a general 2-D kernel")
   py0, py1, px0, px1 = _pads(pad)
+  oh = _upfirdn_out_len(x.shape[1], len(taps), up, down, py0, py1)
+  ow = _upfirdn_out_len(x.shape[2], len(taps), up, down, px0, px1)
+  if up == 2 and down == 1 and oh > 0 and ow > 0 and oh % 2 == 0 and ow % 2 == 0:
+    rows = _fir_two_phases([x, None], taps, py0, oh, axis=1)
+    return _interleave([_fir_two_phases([r, None], taps, px0, ow, axis=2) for r in rows])
   x = _upfirdn_1d(x, taps, up, down, py0, py1, axis=1)
   return _upfirdn_1d(x, taps, up, down, px0, px1, axis=2)
 
@@ -123,6 +176,26 @@ def conv2d(x: jax.Array, w: jax.Array, stride: int = 1, padding=0) -> jax.Array:
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+def _conv_transpose2x_phases(x: jax.Array, w: jax.Array) -> list[list[jax.Array]]:
+  """The four sub-pixel phases of `conv_transpose2x`: grid[py][px][:, m, n] = out[:, 2m+py, 2n+px].
+
+  Each phase is an ordinary stride-1 convolution of x with the taps that land
+  on it (output pixel 2m + p gathers taps i = p + 2t from input pixel m - t).
+  """
+  k = w.shape[0]
+  if k < 2:
+    raise ValueError(f"conv_transpose2x needs a kernel of at least 2 taps, got {k}")
+  grid = []
+  for py in range(2):
+    row = []
+    for px in range(2):
+      sub = w[py::2, px::2][::-1, ::-1]
+      th, tw = sub.shape[0], sub.shape[1]
+      row.append(conv2d(x, sub, padding=((th - 1, th - 1), (tw - 1, tw - 1))))
+    grid.append(row)
+  return grid
+
+
 def conv_transpose2x(x: jax.Array, w: jax.Array) -> jax.Array:
   """PyTorch `conv_transpose2d(stride=2, padding=0)`; x (B,H,W,Cin), w (k,k,Cin,Cout).
 
@@ -132,22 +205,33 @@ def conv_transpose2x(x: jax.Array, w: jax.Array) -> jax.Array:
   multiplications by inserted zeros, and every phase runs at convolution speed.
   """
   k = w.shape[0]
-  if k < 2:
-    raise ValueError(f"conv_transpose2x needs a kernel of at least 2 taps, got {k}")
   b, h, wd, _ = x.shape
-  phases = []
-  for py in range(2):
-    for px in range(2):
-      # Output pixel 2m + p gathers taps i = p + 2t from input pixel m - t.
-      sub = w[py::2, px::2][::-1, ::-1]
-      th, tw = sub.shape[0], sub.shape[1]
-      phases.append(conv2d(x, sub, padding=((th - 1, th - 1), (tw - 1, tw - 1))))
+  grid = _conv_transpose2x_phases(x, w)
   ph, pw = h + (k + 1) // 2 - 1, wd + (k + 1) // 2 - 1
-  phases = [jnp.pad(p, ((0, 0), (0, ph - p.shape[1]), (0, pw - p.shape[2]), (0, 0)))
-            for p in phases]
-  grid = jnp.stack([jnp.stack(phases[0:2], axis=3), jnp.stack(phases[2:4], axis=3)], axis=2)
-  grid = grid.reshape(b, 2 * ph, 2 * pw, w.shape[-1])  # (b, ph, py, pw, px, c) interleaved
-  return grid[:, :2 * h + k - 2, :2 * wd + k - 2]
+  grid = [[jnp.pad(p, ((0, 0), (0, ph - p.shape[1]), (0, pw - p.shape[2]), (0, 0))) for p in row]
+          for row in grid]
+  return _interleave(grid)[:, :2 * h + k - 2, :2 * wd + k - 2]
+
+
+def conv_transpose2x_fir(x: jax.Array, w: jax.Array, taps: np.ndarray, pad) -> jax.Array:
+  """`upfirdn2d(conv_transpose2x(x, w), taps, pad=pad)` computed on the sub-pixel phases.
+
+  x (B,H,W,Cin), w (k,k,Cin,Cout), `taps` the separable 1-D FIR factor. The
+  filter runs on each phase at input resolution and the phases are interleaved
+  once at the end, so the (2H + k - 2)-sized transposed-conv output is never
+  formed. Falls back to the two-step form when an output side is odd.
+  """
+  taps = np.asarray(taps, np.float32)
+  py0, py1, px0, px1 = _pads(pad)
+  k = w.shape[0]
+  oh = _upfirdn_out_len(2 * x.shape[1] + k - 2, len(taps), 1, 1, py0, py1)
+  ow = _upfirdn_out_len(2 * x.shape[2] + k - 2, len(taps), 1, 1, px0, px1)
+  if oh <= 0 or ow <= 0 or oh % 2 or ow % 2:
+    return upfirdn2d(conv_transpose2x(x, w), taps, pad=pad)
+  grid = _conv_transpose2x_phases(x, w)
+  cols = [_fir_two_phases([grid[0][px], grid[1][px]], taps, py0, oh, axis=1) for px in range(2)]
+  return _interleave([_fir_two_phases([cols[0][qy], cols[1][qy]], taps, px0, ow, axis=2)
+                      for qy in range(2)])
 
 
 def conv_transpose2x_reference(x: jax.Array, w: jax.Array) -> jax.Array:

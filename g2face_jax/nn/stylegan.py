@@ -107,9 +107,8 @@ class ModulatedConv(nn.Module):
     n_taps = len(self.blur_taps)
     if self.upsample:
       p = (n_taps - 2) - (k - 1)
-      out = ops.conv_transpose2x(x, w.astype(x.dtype))
-      out = ops.upfirdn2d(out, ops.fir_taps(self.blur_taps, 4.0),
-                          pad=((p + 1) // 2 + 1, p // 2 + 1))
+      out = ops.conv_transpose2x_fir(x, w.astype(x.dtype), ops.fir_taps(self.blur_taps, 4.0),
+                                     pad=((p + 1) // 2 + 1, p // 2 + 1))
     elif self.downsample:
       p = (n_taps - 2) + (k - 1)
       x = ops.upfirdn2d(x, ops.fir_taps(self.blur_taps), pad=((p + 1) // 2, p // 2))

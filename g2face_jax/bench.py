@@ -1,0 +1,124 @@
+"""Throughput of the official anonymize and recover paths on random weights.
+
+`run(config, batch)` builds every network of the config with fresh variables
+(`models.init_variables`), times `pipeline.official_anonymize` and
+`pipeline.official_recover` on random crops and returns one flat dict:
+compile time apart from run time (the first call compiles), the best steady
+run of `rounds`, seconds and images per second per image, XLA's FLOP count of
+each path (`Lowered.cost_analysis`) and the achieved GFLOP/s, the process's
+peak resident memory and the device.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from g2face_jax import config as config_lib
+from g2face_jax import models, pipeline
+from g2face_jax.nn import decoder
+
+
+def device_name() -> str:
+  """'cpu: <model name> (N cores)' on CPU, else the JAX platform and device kind."""
+  dev = jax.devices()[0]
+  if dev.platform != "cpu":
+    return f"{dev.platform}: {dev.device_kind} x{jax.device_count()}"
+  model = dev.device_kind
+  try:
+    with open("/proc/cpuinfo") as f:
+      model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                   model)
+  except OSError:
+    pass
+  return f"cpu: {model} ({len(os.sched_getaffinity(0))} cores)"
+
+
+def _peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
+
+
+def _timed(fn: Callable[[], dict], rounds: int) -> tuple[dict, float, float]:
+  """(output, first-call seconds, best of `rounds` later calls), waiting for every output."""
+  start = time.perf_counter()
+  out = jax.block_until_ready(fn())
+  first = time.perf_counter() - start
+  best = float("inf")
+  for _ in range(rounds):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    best = min(best, time.perf_counter() - start)
+  return out, first, best
+
+
+def _flops(fn: Callable, *args) -> float:
+  """XLA's FLOP count of `fn(nets, *args)` traced as one program (nested jits included).
+
+  Counted on the program lowered for CPU, whatever the device: GPU backends give
+  no count before compiling and leave library convolutions out after it.
+  """
+  lowered = jax.jit(fn, static_argnums=0).trace(*args).lower(lowering_platforms=("cpu",))
+  return float((lowered.cost_analysis() or {}).get("flops", 0.0))
+
+
+def run(config: str = "paper", batch: int = 1, rounds: int = 3, seed: int = 0) -> dict:
+  """Bench one configuration; returns a flat dict (seconds, GFLOP, MB; see the module doc)."""
+  if batch < 1 or rounds < 1:
+    raise ValueError(f"batch and rounds must be >= 1, got batch={batch}, rounds={rounds}")
+  model = config_lib.load(config).model
+  nets = pipeline.Networks.from_config(model)
+  keys = jax.random.split(jax.random.key(seed), 4)
+  variables = models.init_variables(model, keys[0], names=pipeline.NETWORKS)
+  x = jax.random.uniform(keys[1], (batch, model.size, model.size, 3), jnp.float32, -1.0, 1.0)
+  z = jax.random.normal(keys[2], (batch, model.identity_dim), jnp.float32)
+  noise = [jax.random.normal(k, s, jnp.float32) for k, s in
+           zip(jax.random.split(keys[3], len(decoder.noise_shapes(model.size, batch))),
+               decoder.noise_shapes(model.size, batch))]
+
+  anon_out, anon_first, anon_best = _timed(
+      lambda: pipeline.official_anonymize(nets, variables, x, z, noise), rounds)
+  anon, hide_bits = anon_out["anon"], anon_out["hide_bits"]
+  _, rec_first, rec_best = _timed(
+      lambda: pipeline.official_recover(nets, variables, anon, hide_bits, noise), rounds)
+  anon_flops = _flops(pipeline.official_anonymize, nets, variables, x, z, noise)
+  rec_flops = _flops(pipeline.official_recover, nets, variables, anon, hide_bits, noise)
+  return dict(
+      config=config, size=int(model.size), batch=batch, rounds=rounds, device=device_name(),
+      anonymize_s_per_img=anon_best / batch, recover_s_per_img=rec_best / batch,
+      anonymize_img_per_s=batch / anon_best, recover_img_per_s=batch / rec_best,
+      anonymize_compile_s=max(anon_first - anon_best, 0.0),
+      recover_compile_s=max(rec_first - rec_best, 0.0),
+      anonymize_gflop_per_img=anon_flops / batch / 1e9,
+      recover_gflop_per_img=rec_flops / batch / 1e9,
+      anonymize_gflop_per_s=anon_flops / anon_best / 1e9,
+      recover_gflop_per_s=rec_flops / rec_best / 1e9,
+      peak_rss_mb=_peak_rss_mb())
+
+
+def format_result(r: dict) -> str:
+  """A few human-readable lines for one `run` result."""
+  lines = [f"{r['config']} ({r['size']}x{r['size']}), batch {r['batch']}, best of {r['rounds']}, "
+           f"{r['device']}"]
+  for path in ("anonymize", "recover"):
+    lines.append(
+        f"  {path:9s} {r[f'{path}_s_per_img'] * 1e3:9.1f} ms/img  {r[f'{path}_img_per_s']:7.2f} img/s"
+        f"  {r[f'{path}_gflop_per_img']:7.1f} GFLOP/img  {r[f'{path}_gflop_per_s']:6.1f} GFLOP/s"
+        f"  compile {r[f'{path}_compile_s']:6.1f} s")
+  lines.append(f"  peak resident memory of the process {r['peak_rss_mb']:.0f} MB")
+  return "\n".join(lines)
+
+
+def parse_batches(text: str) -> list[int]:
+  """'1,4' -> [1, 4]; a clear error on anything else."""
+  try:
+    batches = [int(b) for b in text.split(",") if b.strip()]
+  except ValueError:
+    raise ValueError(f"--batch '{text}': expected comma-separated positive integers") from None
+  if not batches or min(batches) < 1:
+    raise ValueError(f"--batch '{text}': expected comma-separated positive integers")
+  return batches
+

@@ -1,0 +1,41 @@
+"""`g2face bench`: the JSON record the tracking reads (keys and sanity, not timings)."""
+import json
+
+import pytest
+
+from g2face_jax import bench, cli
+
+KEYS = {"anonymize_s_per_img", "recover_s_per_img", "batch", "device", "anonymize_img_per_s",
+        "recover_img_per_s", "anonymize_compile_s", "recover_compile_s",
+        "anonymize_gflop_per_img", "recover_gflop_per_img", "anonymize_gflop_per_s",
+        "recover_gflop_per_s", "peak_rss_mb"}
+
+
+def test_bench_json_on_tiny_config(capsys):
+  assert cli.main(["bench", "--config", "tiny", "--batch", "1", "--rounds", "1", "--json"]) == 0
+  lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+  assert len(lines) == 1
+  record = json.loads(lines[0])
+  assert KEYS <= set(record)
+  assert record["batch"] == 1 and record["config"] == "tiny" and record["size"] == 32
+  assert record["device"].startswith("cpu")
+  for path in ("anonymize", "recover"):
+    assert record[f"{path}_s_per_img"] > 0
+    assert record[f"{path}_img_per_s"] == pytest.approx(1 / record[f"{path}_s_per_img"])
+    assert record[f"{path}_gflop_per_img"] > 0
+    assert record[f"{path}_gflop_per_s"] == pytest.approx(
+        record[f"{path}_gflop_per_img"] / record[f"{path}_s_per_img"])
+  assert record["peak_rss_mb"] > 0
+
+
+def test_parse_batches():
+  assert bench.parse_batches("1,4") == [1, 4]
+  for bad in ("", "0", "a", "2,-1"):
+    with pytest.raises(ValueError, match="--batch"):
+      bench.parse_batches(bad)
+
+
+def test_bad_batch_is_a_one_line_error(capsys):
+  assert cli.main(["bench", "--config", "tiny", "--batch", "x"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("g2face bench: error:") and "--batch" in err and "\n" not in err
