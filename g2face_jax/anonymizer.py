@@ -324,6 +324,8 @@ class Anonymizer:
       from g2face_jax import video
       summary = video.anonymize_video(self, src, dst, video_options or video.Options())
       return FileResult(src, dst, faces=summary["anonymized_tracks"], video=summary)
+    if video_options is not None and (video_options.keep or video_options.only):
+      raise FileError("--keep / --only are implemented for videos only, not yet for photos")
     image = _read(src)
     out, stamp = self.anonymize_image(image, aligned)
     write_png(dst, out, stamp)
