@@ -46,7 +46,17 @@ class Checkpointer:
       except Exception as e:  # a partial or corrupt step: fall back to the previous one
         logging.warning("checkpoint step %d in %s is unreadable (%s: %s); trying the previous one",
                         step, self.manager.directory, type(e).__name__, str(e).splitlines()[0][:200])
+        self._set_aside(step)
     return None
+
+  def _set_aside(self, step: int) -> None:
+    """Rename an unreadable step to `<step>.unreadable` so training can write that step again."""
+    path = os.path.join(os.fspath(self.manager.directory), str(step))
+    target = path + ".unreadable"
+    if os.path.isdir(path) and not os.path.exists(target):
+      os.rename(path, target)
+      logging.warning("kept the unreadable checkpoint as %s", target)
+    self.manager.reload()
 
   def restore_state(self, abstract_state: Any) -> tuple[Any, int]:
     """(state, step) of the newest readable checkpoint, without the data iterator (export)."""

@@ -41,7 +41,9 @@ def load_config(workdir: str):
 def export(workdir: str, out: str, log=print) -> str:
   """Write the bundle of workdir's newest readable checkpoint to `out`; returns its path."""
   config = load_config(workdir)
-  frozen = frozen_lib.frozen_variables(config, jax.random.key(config.train.seed + 1))
+  config.unlock()
+  config.mesh.data, config.mesh.fsdp = 1, 1  # export gathers everything on one device
+  frozen = frozen_lib.frozen_variables(config, config.train.seed + 1)
   rt = runtime.create(config, 1, frozen, devices=jax.local_devices()[:1])
   abstract = jax.eval_shape(lambda: runtime.init_state(rt, jax.random.key(0)))
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)

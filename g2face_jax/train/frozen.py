@@ -75,9 +75,31 @@ def _converted(config: ml_collections.ConfigDict, name: str, variables: dict) ->
   return convert(content, config.model, path)[name]
 
 
-def frozen_variables(config: ml_collections.ConfigDict, rng: jax.Array) -> dict:
-  """{'arcface', 'recon_net', 'lpips': variables, 'bfm': BFM} for the train step."""
-  fresh = models.init_variables(config.model, rng, FROZEN_NETS)
+def random_variables(model: ml_collections.ConfigDict, name: str, seed: int) -> dict:
+  """Random stand-in variables of a frozen network, drawn with NumPy from its abstract
+  shapes (running Flax `init` on these deep nets costs minutes on a busy CPU): plain
+  kernels U(+-1/sqrt(fan_in)) (PyTorch's default bound), biases 0, BatchNorm scale 1 and
+  statistics (0, 1), PReLU slopes 0.25."""
+  rng = np.random.default_rng(seed)
+  module = models.build(model, name)
+  shapes = jax.eval_shape(module.init, jax.random.key(0), *models.example_inputs(model, name))
+
+  def fill(path, leaf):
+    last = getattr(path[-1], "key", str(path[-1]))
+    if last == "kernel":
+      bound = 1.0 / np.sqrt(np.prod(leaf.shape[:-1]))
+      value = rng.uniform(-bound, bound, leaf.shape)
+    else:
+      value = np.full(leaf.shape, {"scale": 1.0, "var": 1.0, "slope": 0.25}.get(last, 0.0))
+    return value.astype(leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def frozen_variables(config: ml_collections.ConfigDict, seed: int) -> dict:
+  """{'arcface', 'recon_net', 'lpips': variables, 'bfm': BFM} for the train step
+  (random stand-ins drawn from `seed` for networks without a configured file)."""
+  fresh = {name: random_variables(config.model, name, seed + i) for i, name in enumerate(FROZEN_NETS)}
   out = {name: _converted(config, name, fresh[name]) for name in FROZEN_NETS}
   out["bfm"] = load_bfm(config.pretrained)
   return out

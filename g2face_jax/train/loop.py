@@ -76,7 +76,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print) -> dict:
   tr = config.train
   source = sources.open_source(config.data.source)
   steps_per_epoch = tr.steps_per_epoch or pipeline.steps_per_epoch(len(source), tr.global_batch)
-  frozen_host = frozen_lib.frozen_variables(config, jax.random.key(tr.seed + 1))
+  frozen_host = frozen_lib.frozen_variables(config, tr.seed + 1)
   rt = runtime.create(config, steps_per_epoch, frozen_host)
   loader = pipeline.make_loader(config.data, source, config.model.size, tr.global_batch,
                                 jax.process_index(), jax.process_count())
