@@ -32,6 +32,8 @@ setup(
     ],
     extras_require={
         "torch": ["torch==2.13.0"],
+        # TPU runtime: `g2face compile` describes TPU slices and compiles for them without a TPU
+        "tpu": ["libtpu>=0.0.52"],
         "dev": ["pytest>=8", "pytest-xdist>=3.6", "scikit-image>=0.24"],
     },
     entry_points={"console_scripts": ["g2face=g2face_jax.cli:main"]},

@@ -425,7 +425,7 @@ def _hint(report: dict) -> str:
 # ---- text ------------------------------------------------------------------------------
 
 def _gib(n: float) -> str:
-  return f"{n / GIB:.2f} GiB"
+  return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2 ** 20:.1f} MiB"
 
 
 def format_report(r: dict) -> str:

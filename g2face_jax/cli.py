@@ -204,6 +204,23 @@ def _prepare_data(args) -> int:
   return 0
 
 
+def _compile(args) -> int:
+  import json
+
+  import jax
+  if "JAX_PLATFORMS" not in os.environ:  # compile only: never claim a local accelerator
+    jax.config.update("jax_platforms", "cpu")
+  from g2face_jax import aot
+  from g2face_jax import config as config_lib
+  report = aot.compile_train_step(config_lib.load(args.config), args.topology,
+                                  global_batch=args.global_batch, mesh=args.mesh or "",
+                                  remat=args.remat, num_slices=args.slices)
+  print(json.dumps(report) if args.json else aot.format_report(report), flush=True)
+  if not report["fits"]:
+    print(f"g2face compile: error: {report['hint']}", file=sys.stderr)
+  return 0 if report["fits"] else 1
+
+
 def _photo_arguments(p, inputs: bool = True) -> None:
   if inputs:
     p.add_argument("inputs", nargs="+", metavar="IN", help="image files or folders (recursive)")
@@ -360,6 +377,23 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--size", type=int, help="resize to SIZE x SIZE first (default: keep the files)")
   p.add_argument("--per-shard", type=int, default=10_000, help="images per shard")
   p.set_defaults(run=_prepare_data)
+
+  p = sub.add_parser("compile", help="compile the training step ahead of time for a TPU slice "
+                     "(libtpu, no TPU needed): memory per chip, FLOPs, estimates from the peak")
+  p.add_argument("--config", default="configs/g2face.py:paper",
+                 help="config spec FILE.py:VARIANT[,key=value...] (default: paper)")
+  p.add_argument("--topology", required=True,
+                 help="Cloud TPU slice: v5e-16 ... v5e-256, v4-8 (v4/v5p names count cores), "
+                 "v5p-128, v6e-64, or GENERATION:SHAPE such as v5e:4x4")
+  p.add_argument("--global-batch", type=int, help="global batch (default: the config's)")
+  p.add_argument("--mesh", help="data=D,fsdp=F (default: the config's mesh; data=-1 takes the rest)")
+  p.add_argument("--remat", default="none", help="rematerialise each network in the backward "
+                 "pass: none (default, as training runs), full, dots_saveable, "
+                 "dots_with_no_batch_dims_saveable")
+  p.add_argument("--slices", type=int, default=1,
+                 help="number of slices joined over the data-center network (data axis)")
+  p.add_argument("--json", action="store_true", help="print one JSON object")
+  p.set_defaults(run=_compile)
   return parser
 
 
