@@ -34,7 +34,8 @@ setup(
         "torch": ["torch==2.13.0"],
         # TPU runtime: `g2face compile` describes TPU slices and compiles for them without a TPU
         "tpu": ["libtpu>=0.0.52"],
-        "dev": ["pytest>=8", "pytest-xdist>=3.6", "scikit-image>=0.24"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.6", "scikit-image>=0.24", "nbclient>=0.10",
+                "nbformat>=5.10", "ipykernel>=6.29"],
     },
     entry_points={"console_scripts": ["g2face=g2face_jax.cli:main"]},
 )
