@@ -28,6 +28,7 @@ setup(
         "tqdm>=4.60",
         "scikit-image>=0.24",  # the bundled demo face set of `g2face train` (lfw_subset)
         "array_record>=0.5",  # ArrayRecord shards (g2face prepare-data)
+        "tensorboardX>=2.6",  # TensorBoard event files of training, without TensorFlow
         "av>=18",  # PyAV: FFmpeg video decoding and encoding (FFV1, libx264) for videos
     ],
     extras_require={
