@@ -62,20 +62,23 @@ def test_decoder_noise_from_rng_is_reproducible_and_batch_independent():
   x = jnp.asarray(rng.uniform(-1, 1, (b, cfg.size, cfg.size, 3)), jnp.float32)
   styles = jnp.asarray(rng.standard_normal((b, decoder_lib.num_styles(cfg.size), cfg.style_dim)), jnp.float32)
   bits = jnp.asarray(rng.integers(0, 2, (b, 512, 32)), jnp.float32)
-  variables = model.init({"params": jax.random.key(0), "noise": jax.random.key(1)}, x, styles, bits)
+  variables = jax.jit(model.init)({"params": jax.random.key(0), "noise": jax.random.key(1)},
+                                  x, styles, bits)
   # Noise strengths start at zero; give them weight so the noise shows.
   variables = jax.tree_util.tree_map_with_path(
       lambda path, v: v + 0.5 if "noise" in jax.tree_util.keystr(path) else v, variables)
-  a = model.apply(variables, x, styles, bits, rngs={"noise": jax.random.key(5)})
-  again = model.apply(variables, x, styles, bits, rngs={"noise": jax.random.key(5)})
-  other = model.apply(variables, x, styles, bits, rngs={"noise": jax.random.key(6)})
+  drawn = jax.jit(lambda v, key: model.apply(v, x, styles, bits, rngs={"noise": key}))
+  a = drawn(variables, jax.random.key(5))
+  again = drawn(variables, jax.random.key(5))
+  other = drawn(variables, jax.random.key(6))
   assert a.shape == (b, cfg.size, cfg.size, 3)
   np.testing.assert_array_equal(a, again)
   assert not np.allclose(a, other)
   noise = [jnp.asarray(rng.standard_normal(s), jnp.float32)
            for s in decoder_lib.noise_shapes(cfg.size, b)]
-  full = model.apply(variables, x, styles, bits, noise)
-  one = model.apply(variables, x[1:2], styles[1:2], bits[1:2], [n[1:2] for n in noise])
+  given = jax.jit(model.apply)
+  full = given(variables, x, styles, bits, noise)
+  one = given(variables, x[1:2], styles[1:2], bits[1:2], [n[1:2] for n in noise])
   np.testing.assert_allclose(one, full[1:2], rtol=1e-5, atol=1e-5)
 
 
