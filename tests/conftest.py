@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from g2face_jax import config, keys, models
+from g2face_jax import bundle, config, keys, models, pipeline
 from g2face_jax.parity import nhwc, rel_err  # noqa: F401  (shared by the tests)
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -18,6 +18,14 @@ FIXTURES = os.environ.get(
 @pytest.fixture(scope="session")
 def fixtures_dir():
   return FIXTURES
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory, tiny_config):
+  """A bundle of random weights (tiny config) with every pipeline network."""
+  path = str(tmp_path_factory.mktemp("bundle") / "random")
+  bundle.save(path, tiny_config, random_variables(tiny_config.model, pipeline.NETWORKS))
+  return path
 
 
 @pytest.fixture(scope="module")

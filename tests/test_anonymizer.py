@@ -25,13 +25,6 @@ GROUP = os.path.join(DATA, "group_photo.jpg")
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory, tiny_config):
-  path = str(tmp_path_factory.mktemp("bundle") / "random")
-  bundle.save(path, tiny_config, random_variables(tiny_config.model, pipeline.NETWORKS))
-  return path
-
-
-@pytest.fixture(scope="module")
 def no_extractor_bundle(tmp_path_factory, tiny_config):
   path = str(tmp_path_factory.mktemp("bundle") / "no-extractor")
   names = [n for n in pipeline.NETWORKS if n != "extractor"]

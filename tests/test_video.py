@@ -15,12 +15,11 @@ import cv2
 import numpy as np
 import pytest
 
-from g2face_jax import anonymizer, bundle, faces, keys, pipeline
+from g2face_jax import anonymizer, faces, keys, pipeline
 from g2face_jax import video
 from g2face_jax.video import anonymize as video_anonymize
 from g2face_jax.video import io
 
-from conftest import random_variables
 from test_anonymizer import PerfectExtractor, _run
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
@@ -34,20 +33,6 @@ def _clip_maker():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory, tiny_config):
-  path = str(tmp_path_factory.mktemp("bundle") / "random")
-  bundle.save(path, tiny_config, random_variables(tiny_config.model, pipeline.NETWORKS))
-  return path
-
-
-@pytest.fixture(scope="module")
-def key_file(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("keys") / "a.key")
-  keys.write_key_file(path)
-  return path
 
 
 @pytest.fixture(scope="module")
