@@ -19,25 +19,17 @@ import zlib
 
 import numpy as np
 
+from g2face_jax.video import tracking
+
 NAME = "g2face.json"
 FORMAT = "g2face-anonymized-video/1"
 CODECS = ("secure", "official")
 
 
 @dataclasses.dataclass(frozen=True)
-class TrackStamp:
+class TrackStamp(tracking.FrameSpan):
   first: int
   quads: np.ndarray  # (n, 4, 2) float32
-
-  @property
-  def last(self) -> int:
-    return self.first + len(self.quads) - 1
-
-  def covers(self, frame: int) -> bool:
-    return self.first <= frame <= self.last
-
-  def quad(self, frame: int) -> np.ndarray:
-    return self.quads[frame - self.first]
 
   def context(self) -> bytes:
     """SHA-256 of the track's squares: names the track at recovery (decoder noise)."""

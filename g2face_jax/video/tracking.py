@@ -41,13 +41,11 @@ class Observation:
   embedding: np.ndarray | None = None  # (512,) ArcFace identity of the detection
 
 
-@dataclasses.dataclass
-class Track:
-  """One face over consecutive frames first .. first + len(quads) - 1."""
+class FrameSpan:
+  """Frames first .. first + len(quads) - 1 of a face, one (4, 2) square per frame
+  (the subclass holds `first` and `quads`)."""
   first: int
-  quads: np.ndarray                # (n, 4, 2) float32, filled and smoothed
-  detected: np.ndarray             # (n,) bool: a detection was linked at that frame
-  observations: list[Observation]
+  quads: np.ndarray
 
   @property
   def last(self) -> int:
@@ -58,6 +56,16 @@ class Track:
 
   def quad(self, frame: int) -> np.ndarray:
     return self.quads[frame - self.first]
+
+
+@dataclasses.dataclass
+class Track(FrameSpan):
+  """One face over consecutive frames first .. first + len(quads) - 1."""
+  first: int
+  quads: np.ndarray                # (n, 4, 2) float32, filled and smoothed
+  detected: np.ndarray             # (n,) bool: a detection was linked at that frame
+  observations: list[Observation]
+
 
   @property
   def median_side(self) -> float:
