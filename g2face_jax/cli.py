@@ -153,7 +153,7 @@ def _eval(args) -> int:
   try:
     tool = _photo_tool(args, "anonymize")
     tool.require("recover")
-    summary = report.run(tool, args.data, args.out, limit=args.limit,
+    summary = report.run(tool, args.data, args.out, limit=args.limit, inception=args.inception,
                          progress=lambda items: tqdm(items, desc="eval", unit="image",
                                                      file=sys.stderr, disable=None))
   except Exception as e:  # one line unless --debug
@@ -338,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
                  "aligned face crop)")
   p.add_argument("--out", required=True, help="report folder")
   p.add_argument("--limit", type=int, help="evaluate at most N images")
+  p.add_argument("--inception", metavar="FILE", help="pytorch-fid's InceptionV3 weights "
+                 "(pt_inception-2015-12-05-6726825d.pth): adds FID of the anonymized and of the "
+                 "recovered faces against the originals")
   _photo_arguments(p, inputs=False)
   p.add_argument("--codec", choices=("secure", "official"), default="secure",
                  help="payload code (default: secure)")

@@ -8,16 +8,21 @@ FID patches: unpadded average pools in A, C and the first E block, a max pool
 in the last E block, BN eps 0.001), because pytorch-fid needs torchvision, and
 no CPU build of torchvision matching torch 2.13.0 installs here.
 """
+import json
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
+from g2face_jax import anonymizer, cli, keys
 from g2face_jax.convert import inception as convert_inception
 from g2face_jax.convert.table import ConversionError
-from g2face_jax.eval import fid
+from g2face_jax.eval import fid, report
 from g2face_jax.nn import inception
+from test_eval_report import eval_bundle, faces_dir  # noqa: F401  (fixtures)
 
 
 class BasicConv2d(nn.Module):
@@ -210,10 +215,7 @@ def numpy_state_dict(net):
   return {k: v.numpy() for k, v in net.state_dict().items()}
 
 
-def test_converter_errors_name_the_file_and_key(reference, tmp_path):
-  arcface_like = tmp_path / "ms1mv3_arcface_r50.pth"
-  torch.save({"conv1.weight": torch.zeros(64, 3, 3, 3), "prelu.weight": torch.zeros(64),
-              "fc.weight": torch.zeros(512, 25088)}, arcface_like)
+def test_converter_errors_name_the_file_and_key(reference, tmp_path, arcface_like):
   with pytest.raises(ConversionError) as e:
     convert_inception.load(arcface_like)
   assert str(e.value).startswith(f"{arcface_like}: expected the FID InceptionV3 state dict")
@@ -272,3 +274,74 @@ def test_fid_needs_two_images_and_matching_dimensions():
     fid.fid(np.zeros((1, 8)), np.zeros((5, 8)))
   with pytest.raises(ValueError, match="mismatched statistics"):
     fid.fid(np.ones((3, 8)) * np.arange(3)[:, None], np.ones((3, 4)) * np.arange(3)[:, None])
+
+
+class ColourStatistics:
+  """Stand-in for the network in the report tests (its parity is tested above): per-image
+  channel means and standard deviations, (N, 6). Takes the converted variables like
+  `fid.InceptionFeatures`, so the weights file is still read and converted."""
+
+  def __init__(self, variables):
+    assert "Mixed_7c" in variables["params"]
+
+  def __call__(self, images):
+    x = np.asarray(images, np.float64) / 255.0
+    return np.concatenate([x.mean(axis=(1, 2)), x.std(axis=(1, 2))], axis=1)
+
+
+@pytest.fixture
+def arcface_like(tmp_path):
+  path = tmp_path / "ms1mv3_arcface_r50.pth"
+  torch.save({"conv1.weight": torch.zeros(64, 3, 3, 3), "prelu.weight": torch.zeros(64),
+              "fc.weight": torch.zeros(512, 25088)}, path)
+  return path
+
+
+@pytest.mark.slow  # a cold evaluation of 2 images: ~1 min on 2 busy cores
+def test_eval_reports_fid_of_anonymized_and_recovered(monkeypatch, tmp_path, faces_dir, eval_bundle,
+                                                      key_file, weights_file):
+  monkeypatch.setattr(fid, "InceptionFeatures", ColourStatistics)
+  out = tmp_path / "report"
+  code = cli.main(["eval", "--data", f"{faces_dir}/face0.png", f"{faces_dir}/face1.png",
+                   "--bundle", eval_bundle, "--key", key_file, "--out", str(out),
+                   "--codec", "official", "--inception", str(weights_file)])
+  assert code == 0
+  summary = json.loads((out / "metrics.json").read_text())
+  assert summary["images"] == 2 and summary["fid"].startswith("InceptionV3 pool3 features of 2 images")
+  for name in ("fid_anonymized", "fid_recovered"):
+    assert np.isfinite(summary[name]) and summary[name] >= -1e-9, name
+  table = (out / "report.md").read_text()
+  assert "| FID anon vs orig |" in table and "| FID recovered vs orig |" in table
+
+
+def test_evaluation_summary_gives_fid_figures_or_says_why_not(eval_bundle, key_file, faces_dir):
+  tool = anonymizer.Anonymizer(eval_bundle, keys.load(key_file), codec="official")
+  without = report.Evaluation(tool, keys.generate(), keys.generate())
+  without.add_fid_images(*[np.zeros((32, 32, 3), np.uint8)] * 3)
+  summary = without.summary()
+  assert summary["fid"] == ("skipped: pass --inception pt_inception-2015-12-05-6726825d.pth "
+                            "to compute FID") and "fid_anonymized" not in summary
+  assert f"FID: {summary['fid']}" in report.markdown(summary, "t")
+
+  stats = ColourStatistics({"params": {"Mixed_7c": 0}})
+  evaluation = report.Evaluation(tool, keys.generate(), keys.generate(), inception_features=stats)
+  faces = [np.array(Image.open(f"{faces_dir}/face{i}.png")) for i in range(3)]
+  evaluation.add_fid_images(faces[0], faces[1], faces[0])
+  assert evaluation.summary()["fid"] == "skipped: FID needs at least 2 evaluated images, got 1"
+  evaluation.add_fid_images(faces[1], faces[2], faces[1])
+  summary = evaluation.summary()
+  original, anonymized = stats(np.stack(faces[:2])), stats(np.stack(faces[1:]))
+  assert summary["fid_anonymized"] == pytest.approx(fid.fid(anonymized, original), rel=1e-9)
+  assert abs(summary["fid_recovered"]) < 1e-9  # recovered == original here
+  table = report.markdown(summary, "t")
+  assert f"| FID anon vs orig | {summary['fid_anonymized']:.4f} | lower |" in table
+  assert "| FID recovered vs orig |" in table
+
+
+def test_eval_names_a_wrong_inception_file_in_one_line(capsys, tmp_path, faces_dir, eval_bundle,
+                                                       key_file, arcface_like):
+  code = cli.main(["eval", "--data", faces_dir, "--bundle", eval_bundle, "--key", key_file,
+                   "--out", str(tmp_path / "report"), "--inception", str(arcface_like)])
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and "\n" not in err
+  assert err.startswith(f"g2face eval: error: {arcface_like}: expected the FID InceptionV3 state dict")

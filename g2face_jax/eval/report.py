@@ -14,6 +14,8 @@ uint8, recover), plus the wrong-key recovery. Metrics:
   keys           same person (the mirrored photo) under one key: virtual
                  identity consistency; under two keys: separation; wrong-key
                  recovery rejected (secure codec) or its identity cosine
+  image quality  FID of the anonymized and of the recovered faces against the
+                 originals (pytorch-fid's InceptionV3, when its weights file is given)
 Outputs: metrics.json, report.md, grid.png (original | anonymized | recovered | wrong key).
 """
 from __future__ import annotations
@@ -28,11 +30,13 @@ from PIL import Image
 
 from g2face_jax import anonymizer as anonymizer_lib
 from g2face_jax import faces, keys, payload, pipeline
-from g2face_jax.eval import metrics, recognizer
+from g2face_jax.eval import fid, metrics, recognizer
 from g2face_jax.nn import bfm as bfm_lib
 from g2face_jax.nn import decoder, face3d
 
 JPEG_QUALITIES = (90, 75)
+FID_SKIPPED = "skipped: pass --inception pt_inception-2015-12-05-6726825d.pth to compute FID"
+FID_SETS = ("original", "anonymized", "recovered")
 
 
 def _to_float(image: np.ndarray) -> np.ndarray:
@@ -46,9 +50,14 @@ def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:
 
 
 class Evaluation:
-  """Accumulates per-image measurements; `summary()` gives means and counts."""
+  """Accumulates per-image measurements; `summary()` gives means and counts.
 
-  def __init__(self, tool: anonymizer_lib.Anonymizer, wrong_key: keys.Key, other_key: keys.Key):
+  inception_features: (N, S, S, 3) uint8 -> (N, 2048) FID features (e.g.
+  `fid.InceptionFeatures`), or None to skip FID.
+  """
+
+  def __init__(self, tool: anonymizer_lib.Anonymizer, wrong_key: keys.Key, other_key: keys.Key,
+               inception_features: Callable[[np.ndarray], np.ndarray] | None = None):
     self.tool = tool
     self.wrong = anonymizer_lib.Anonymizer(tool.bundle, wrong_key, identity=tool.identity,
                                            codec=tool.codec, layout=tool.layout)
@@ -58,6 +67,8 @@ class Evaluation:
     self.ids = {"original": [], "anonymized": []}
     self.failures: list[str] = []
     self.grid_rows: list[np.ndarray] = []
+    self.inception_features = inception_features
+    self.fid_features: dict[str, list[np.ndarray]] = {name: [] for name in FID_SETS}
 
   def _add(self, name: str, value) -> None:
     self.values.setdefault(name, []).extend(np.ravel(np.asarray(value, np.float64)).tolist())
@@ -110,6 +121,7 @@ class Evaluation:
           tool.bundle.variables["lpips"], r, x))
     self._add("id_cosine_recovered", metrics.cosine(orig["arc_id"], self._analyze(recovered)["arc_id"]))
     self._bit_error_rates(x[0], orig["arc_id"], orig["coeff"], anonymizer_lib.photo_digest(image))
+    self.add_fid_images(image, anon, recovered)
 
     mirrored = np.ascontiguousarray(image[:, ::-1])
     anon_m, _ = tool.anonymize_image(mirrored, aligned=True)
@@ -126,6 +138,13 @@ class Evaluation:
       wrong = np.zeros_like(image)
     self.grid_rows.append(np.concatenate([image, anon, recovered, wrong], axis=1))
 
+  def add_fid_images(self, original: np.ndarray, anonymized: np.ndarray, recovered: np.ndarray) -> None:
+    """FID features of one image's three (S, S, 3) uint8 versions (nothing without a network)."""
+    if self.inception_features is not None:
+      rows = self.inception_features(np.stack([original, anonymized, recovered]))
+      for name, row in zip(FID_SETS, rows):
+        self.fid_features[name].append(row)
+
   def summary(self) -> dict:
     out = {name: float(np.mean(v)) for name, v in self.values.items()}
     n = len(self.ids["original"])
@@ -135,8 +154,21 @@ class Evaluation:
                                     np.arange(n), ks=(1, 5))
       out.update(retrieval_top1=float(np.mean(hits[1])), retrieval_top5=float(np.mean(hits[5])))
     out["failures"] = list(self.failures)
-    out["fid"] = "skipped: no InceptionV3 weights converter in this version"
+    out.update(self._fid())
     return out
+
+  def _fid(self) -> dict:
+    """FID of the anonymized and of the recovered set against the originals, or why not."""
+    n = len(self.fid_features["original"])
+    if self.inception_features is None:
+      return {"fid": FID_SKIPPED}
+    if n < 2:
+      return {"fid": f"skipped: FID needs at least 2 evaluated images, got {n}"}
+    original = np.stack(self.fid_features["original"])
+    return {"fid": f"InceptionV3 pool3 features of {n} images (FID grows as the image count "
+                   "shrinks: compare figures at equal counts)",
+            "fid_anonymized": fid.fid(np.stack(self.fid_features["anonymized"]), original),
+            "fid_recovered": fid.fid(np.stack(self.fid_features["recovered"]), original)}
 
 
 TABLE = (  # (metric, label, better)
@@ -161,6 +193,8 @@ TABLE = (  # (metric, label, better)
     ("other_key_cosine", "Other key: anon ID cosine", "lower"),
     ("wrong_key_rejected", "Wrong key rejected", "higher"),
     ("wrong_key_id_cosine", "Wrong key: recovered ID cosine", "lower"),
+    ("fid_anonymized", "FID anon vs orig", "lower"),
+    ("fid_recovered", "FID recovered vs orig", "lower"),
 )
 
 
@@ -177,11 +211,18 @@ def markdown(summary: dict, title: str) -> str:
 
 def run(tool: anonymizer_lib.Anonymizer, paths: Sequence[str], out_dir: str,
         wrong_key: keys.Key | None = None, limit: int | None = None,
-        progress: Callable[[Iterable], Iterable] = iter) -> dict:
-  """Evaluate every image of `paths` (files or folders) and write the report to out_dir."""
+        progress: Callable[[Iterable], Iterable] = iter, inception: str | None = None) -> dict:
+  """Evaluate every image of `paths` (files or folders) and write the report to out_dir.
+
+  inception: path of pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` to compute FID.
+  """
   anonymizer_lib.check_output_folder(out_dir)
+  features = None
+  if inception is not None:
+    from g2face_jax.convert import inception as convert_inception  # reads the file with torch
+    features = fid.InceptionFeatures(convert_inception.load(inception))
   wrong_key = wrong_key or keys.generate()
-  evaluation = Evaluation(tool, wrong_key, keys.generate())
+  evaluation = Evaluation(tool, wrong_key, keys.generate(), inception_features=features)
   items = anonymizer_lib.collect_inputs(paths)[:limit]
   for src, _ in progress(items):
     try:
