@@ -269,6 +269,16 @@ def test_fid_of_identical_sets_is_zero_even_with_singular_covariances():
   assert abs(fid.fid(features, features)) < 1e-6 * np.trace(np.cov(features, rowvar=False))
 
 
+def test_a_product_without_square_root_gets_the_eps_offset_and_imaginary_roots_are_refused():
+  nilpotent = np.array([[0.0, 1.0], [0.0, 0.0]])  # no square root: sqrtm gives inf
+  eps = fid.SQRTM_EPS  # then (S1 + eps I)(S2 + eps I) = (1 + eps) [[eps, 1], [0, eps]]
+  expected = 0.0 + 2.0 - 2 * 2 * np.sqrt(eps * (1 + eps))
+  got = fid.frechet_distance(np.zeros(2), nilpotent, np.zeros(2), np.eye(2))
+  assert got == pytest.approx(expected, rel=1e-9)
+  with pytest.raises(ValueError, match="imaginary part of 1"):
+    fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), -np.eye(2))  # sqrt(-I) = i I
+
+
 def test_fid_needs_two_images_and_matching_dimensions():
   with pytest.raises(ValueError, match="at least 2"):
     fid.fid(np.zeros((1, 8)), np.zeros((5, 8)))

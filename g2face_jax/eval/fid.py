@@ -55,7 +55,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
   if np.iscomplexobj(covmean):
     largest = np.max(np.abs(np.diagonal(covmean).imag))
     if largest > IMAGINARY_TOLERANCE:
-      raise ValueError(f"the square root of the covariance product has an imaginary part of {largest:.3g}")
+      raise ValueError("the square root of the covariance product has an imaginary part of "
+                       f"{largest:.3g}")
     covmean = covmean.real
   diff = mu1 - mu2
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))

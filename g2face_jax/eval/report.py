@@ -138,7 +138,8 @@ class Evaluation:
       wrong = np.zeros_like(image)
     self.grid_rows.append(np.concatenate([image, anon, recovered, wrong], axis=1))
 
-  def add_fid_images(self, original: np.ndarray, anonymized: np.ndarray, recovered: np.ndarray) -> None:
+  def add_fid_images(self, original: np.ndarray, anonymized: np.ndarray,
+                     recovered: np.ndarray) -> None:
     """FID features of one image's three (S, S, 3) uint8 versions (nothing without a network)."""
     if self.inception_features is not None:
       rows = self.inception_features(np.stack([original, anonymized, recovered]))

@@ -111,7 +111,8 @@ class InceptionC(nn.Module):
 
 
 class InceptionD(nn.Module):
-  """Grid reduction 17 -> 8: 1x1 -> 3x3 s2 | 1x1 -> 1x7 -> 7x1 -> 3x3 s2 | max pool s2: 512 + Cin channels."""
+  """Grid reduction 17 -> 8: 1x1 -> 3x3 s2 | 1x1 -> 1x7 -> 7x1 -> 3x3 s2 | max pool s2:
+  512 + Cin channels."""
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
