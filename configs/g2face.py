@@ -29,6 +29,7 @@ def _model(size: int, channels: tuple[int, ...], style_dim: int) -> ml_collectio
       geometry_dim=147,          # 3DMM id 80 + exp 64 + angles 3
       mapper_layers=4,           # equalized linears per style-mapper head
       arcface_layers=(3, 4, 14, 3),  # iresnet50; (3, 13, 30, 3) for iresnet100
+      recon_layers=(3, 4, 6, 3),     # Deep3DFaceRecon's ResNet-50 trunk
   ))
 
 
@@ -95,7 +96,8 @@ def _variant(name: str) -> ml_collections.ConfigDict:
     training = _training(global_batch=32, replica_batch=8, num_steps=100_000)
   elif name == "smoke":
     model = _model(64, (64, 64, 64, 32, 16), 64)
-    model.arcface_layers = (1, 1, 1, 1)  # narrow random ArcFace: CPU-sized (no weights to load)
+    # shallow random ArcFace and 3DMM regressor: CPU-sized (no weights to load)
+    model.arcface_layers = model.recon_layers = (1, 1, 1, 1)
     training = _training(global_batch=4, replica_batch=4, num_steps=80)
     # A few minutes on CPU: the demo set has 25 steps per epoch, so the official 10-epoch
     # warm-up would cover the whole run; the smoke run warms up over its first epoch.
@@ -103,7 +105,7 @@ def _variant(name: str) -> ml_collections.ConfigDict:
     training["log"].sample_every_steps = 40
   elif name == "tiny":
     model = _model(32, (32, 32, 16, 16), 32)
-    model.arcface_layers = (1, 1, 1, 1)
+    model.arcface_layers = model.recon_layers = (1, 1, 1, 1)
     training = _training(global_batch=4, replica_batch=2, num_steps=2)
   else:
     raise ValueError(f"unknown config variant '{name}' (paper, smoke, tiny)")

@@ -182,6 +182,12 @@ def _train(args) -> int:
   from g2face_jax import config as config_lib
   from g2face_jax.train import export, loop
   config = config_lib.load(args.config)
+  explicit = (args.coordinator, args.num_processes, args.process_id)
+  if any(v is not None for v in explicit) and None in explicit:
+    raise ValueError("--coordinator, --num-processes and --process-id go together")
+  if args.distributed or explicit[0] is not None:
+    from g2face_jax.train import runtime
+    runtime.initialize_distributed(*explicit)
   if args.compile_cache:
     import jax
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(args.compile_cache))
@@ -365,6 +371,14 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--compile-cache", default=os.path.join(os.path.expanduser("~"), ".cache",
                                                          "g2face_jax", "xla"),
                  help="persistent XLA compilation cache ('' to disable)")
+  p.add_argument("--distributed", action="store_true",
+                 help="multi-host run: join the other processes (jax.distributed, cluster "
+                 "detected on Cloud TPU VMs, SLURM and Open MPI); run the same command on "
+                 "every host, each reads its own slice of every global batch")
+  p.add_argument("--coordinator", help="HOST:PORT of process 0, for clusters JAX does not "
+                 "detect (with --num-processes and --process-id)")
+  p.add_argument("--num-processes", type=int, help="processes in the run (with --coordinator)")
+  p.add_argument("--process-id", type=int, help="this process, 0 .. N-1 (with --coordinator)")
   p.set_defaults(run=_train)
 
   p = sub.add_parser("export", help="write the newest checkpoint of a training workdir as a "

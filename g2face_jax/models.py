@@ -48,8 +48,8 @@ def build_arcface(model: ml_collections.ConfigDict) -> arcface.IResNet:
 
 
 def build_recon_net(model: ml_collections.ConfigDict) -> face3d.ReconNet:
-  del model  # one architecture (ResNet-50)
-  return face3d.ReconNet()
+  # bundles written before `recon_layers` existed hold the official ResNet-50
+  return face3d.ReconNet(layers=tuple(model.get("recon_layers", face3d.RESNET50)))
 
 
 def build_lpips(model: ml_collections.ConfigDict) -> lpips.LPIPS:

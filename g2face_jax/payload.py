@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 N_VALUE_BITS = 32
 OFFICIAL_ZERO = 1e-8  # the official encoder writes 0.0 as the pattern of 1e-8
 OFFICIAL_CLAMP = 50.0  # the official test zeroes decoded values outside [-50, 50]
 
-_SHIFTS = jnp.arange(N_VALUE_BITS - 1, -1, -1, dtype=jnp.uint32)  # MSB first
+_SHIFTS = np.arange(N_VALUE_BITS - 1, -1, -1, dtype=np.uint32)  # MSB first
 
 
 def float_to_bits(values: jax.Array) -> jax.Array:

@@ -91,11 +91,13 @@ class ResNetTrunk(nn.Module):
 
 class ReconNet(nn.Module):
   """Deep3DFaceRecon regressor: x (B, H, W, 3) in [0, 1] -> coefficients (B, 257)
-  laid out as in `COEFF_SLICES`."""
+  laid out as in `COEFF_SLICES`. `layers`: bottleneck blocks per stage (official:
+  ResNet-50; shallower only for random-weight smoke and test models)."""
+  layers: Sequence[int] = RESNET50
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    features = ResNetTrunk(name="backbone")(x)
+    features = ResNetTrunk(self.layers, name="backbone")(x)
     heads = [plain.Dense(features.shape[-1], n, name=f"final_layers_{i}")(features)
              for i, n in enumerate(HEAD_SIZES)]
     return jnp.concatenate(heads, axis=1)

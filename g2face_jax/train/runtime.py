@@ -33,6 +33,17 @@ class Runtime:
   sample_step: Callable  # (state, frozen, images, rng) -> dict
 
 
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """Join a multi-process run (one process per host) before any JAX computation.
+
+  Without arguments JAX detects the cluster (Cloud TPU VMs, SLURM, Open MPI);
+  elsewhere pass all three (coordinator 'HOST:PORT' of process 0).
+  """
+  jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                             process_id=process_id)
+
+
 def create(config: ml_collections.ConfigDict, steps_per_epoch: int, frozen: dict,
            devices=None) -> Runtime:
   """Mesh, shardings and the jitted steps for `config`; `frozen` (host arrays, from
