@@ -358,13 +358,19 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str, *,
     if oom is None:
       raise
     report["compile_seconds"] = time.perf_counter() - start
-    required, available = oom
-    report.update(fits=False, required_bytes=required, device_memory_bytes=available,
-                  exceeded_by_bytes=required - available, hint=_hint(report))
-    return report
+    return refused(report, *oom)
   report["compile_seconds"] = time.perf_counter() - start
   report.update(_memory(compiled, sl.chip), fits=True)
   report.update(_speed(compiled, sl, b))
+  return report
+
+
+def refused(report: dict, required: int, available: int) -> dict:
+  """`report` of a step the TPU compiler refused for lack of HBM: the bytes it needs and
+  has per chip, and a hint naming the knobs that help."""
+  report.update(fits=False, required_bytes=required, device_memory_bytes=available,
+                exceeded_by_bytes=required - available)
+  report["hint"] = _hint(report)
   return report
 
 

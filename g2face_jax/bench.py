@@ -7,13 +7,22 @@ compile time apart from run time (the first call compiles), the best steady
 run of `rounds`, seconds and images per second per image, XLA's FLOP count of
 each path (`Lowered.cost_analysis`) and the achieved GFLOP/s, the process's
 peak resident memory and the device.
+
+`run_train(config)` times the whole training iteration (anonymize, recover and
+discriminator updates, sharded over this process's devices as in `g2face
+train`), with XLA's FLOP count and per-device memory of the compiled step.
+`scaling(config, devices)` runs it in fresh processes on 1, 2, ... simulated
+CPU devices (`--xla_force_host_platform_device_count`).
 """
 from __future__ import annotations
 
+import json
 import os
 import resource
+import subprocess
+import sys
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -99,6 +108,71 @@ def run(config: str = "paper", batch: int = 1, rounds: int = 3, seed: int = 0) -
       peak_rss_mb=_peak_rss_mb())
 
 
+def run_train(config: str = "smoke", rounds: int = 3, seed: int = 0) -> dict:
+  """Bench the train step of `config` on all devices (its mesh section; the timed
+  iterations are 1 .. rounds + 1, none of them an R1 iteration unless r1_every <= that)."""
+  from g2face_jax.train import frozen as frozen_lib
+  from g2face_jax.train import runtime
+  if rounds < 1:
+    raise ValueError(f"rounds must be >= 1, got {rounds}")
+  cfg = config_lib.load(config)
+  frozen_host = frozen_lib.frozen_variables(cfg, seed + 1)
+  rt = runtime.create(cfg, steps_per_epoch=1000, frozen=frozen_host)
+  state = runtime.init_state(rt, jax.random.key(seed))
+  frozen = runtime.place_frozen(rt, frozen_host)
+  b, s = cfg.train.global_batch, cfg.model.size
+  images = jax.device_put(jax.random.uniform(jax.random.key(seed + 1), (b, s, s, 3), jnp.float32,
+                                             -1.0, 1.0), rt.batch_sharding)
+  start = time.perf_counter()
+  compiled = rt.train_step.lower(state, frozen, images).compile()
+  compile_s = time.perf_counter() - start
+  times = []
+  for _ in range(rounds + 1):  # the first run also pays for the first-touch of buffers
+    start = time.perf_counter()
+    state, metrics = compiled(state, frozen, images)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  best = min(times[1:])
+  flops = float((compiled.cost_analysis() or {}).get("flops", 0.0))
+  memory = compiled.memory_analysis()
+  return dict(
+      config=config, size=int(s), global_batch=int(b), devices=jax.device_count(),
+      mesh=dict(rt.mesh.shape), rounds=rounds, device=device_name(),
+      train_step_s=best, train_img_per_s=b / best, train_compile_s=compile_s,
+      train_gflop_per_step=flops / 1e9, train_gflop_per_s=flops / best / 1e9,
+      argument_mb_per_device=memory.argument_size_in_bytes / 2 ** 20 if memory else None,
+      temp_mb_per_device=memory.temp_size_in_bytes / 2 ** 20 if memory else None,
+      peak_rss_mb=_peak_rss_mb())
+
+
+def scaling(config: str, devices: Sequence[int], rounds: int = 3) -> list[dict]:
+  """`run_train` in a fresh process per device count (simulated CPU devices)."""
+  results = []
+  for n in devices:
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+                         f"--xla_force_host_platform_device_count={n}".strip())
+    cmd = [sys.executable, "-m", "g2face_jax.cli", "bench", "--train", "--config", config,
+           "--rounds", str(rounds), "--json"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode:
+      last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+      raise ChildProcessError(f"train bench on {n} devices failed: {last}")
+    results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+  return results
+
+
+def format_train_result(r: dict) -> str:
+  """A few human-readable lines for one `run_train` result."""
+  return (f"{r['config']} ({r['size']}x{r['size']}) train step, global batch {r['global_batch']}, "
+          f"{r['devices']} device(s) mesh {r['mesh']}, best of {r['rounds']}, {r['device']}\n"
+          f"  {r['train_step_s'] * 1e3:9.1f} ms/step  {r['train_img_per_s']:7.2f} img/s  "
+          f"{r['train_gflop_per_step']:8.1f} GFLOP/step  {r['train_gflop_per_s']:6.1f} GFLOP/s  "
+          f"compile {r['train_compile_s']:6.1f} s\n"
+          f"  per device: arguments {r['argument_mb_per_device']:.0f} MB, temporaries "
+          f"{r['temp_mb_per_device']:.0f} MB; peak resident memory {r['peak_rss_mb']:.0f} MB")
+
+
 def format_result(r: dict) -> str:
   """A few human-readable lines for one `run` result."""
   lines = [f"{r['config']} ({r['size']}x{r['size']}), batch {r['batch']}, best of {r['rounds']}, "
@@ -112,13 +186,13 @@ def format_result(r: dict) -> str:
   return "\n".join(lines)
 
 
-def parse_batches(text: str) -> list[int]:
-  """'1,4' -> [1, 4]; a clear error on anything else."""
+def parse_batches(text: str, option: str = "--batch") -> list[int]:
+  """'1,4' -> [1, 4]; a clear error naming `option` on anything else."""
   try:
     batches = [int(b) for b in text.split(",") if b.strip()]
   except ValueError:
-    raise ValueError(f"--batch '{text}': expected comma-separated positive integers") from None
+    raise ValueError(f"{option} '{text}': expected comma-separated positive integers") from None
   if not batches or min(batches) < 1:
-    raise ValueError(f"--batch '{text}': expected comma-separated positive integers")
+    raise ValueError(f"{option} '{text}': expected comma-separated positive integers")
   return batches
 

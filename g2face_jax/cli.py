@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import sys
 
@@ -172,6 +173,15 @@ def _bench(args) -> int:
   import json
 
   from g2face_jax import bench
+  if args.train:
+    if args.devices:
+      results = bench.scaling(args.config, bench.parse_batches(args.devices, "--devices"),
+                              args.rounds)
+    else:
+      results = [bench.run_train(args.config, args.rounds)]
+    for result in results:
+      print(json.dumps(result) if args.json else bench.format_train_result(result), flush=True)
+    return 0
   for batch in bench.parse_batches(args.batch):
     result = bench.run(args.config, batch, args.rounds)
     print(json.dumps(result) if args.json else bench.format_result(result), flush=True)
@@ -361,6 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--rounds", type=int, default=3, help="timed runs after the compiling one; "
                  "the best counts (default: 3)")
   p.add_argument("--json", action="store_true", help="one JSON object per batch size on stdout")
+  p.add_argument("--train", action="store_true", help="time one training iteration instead "
+                 "(the config's global batch and mesh; e.g. --config smoke)")
+  p.add_argument("--devices", help="with --train on CPU: simulated device counts to compare, "
+                 "one fresh process each, e.g. 1,2,4,8 (the global batch must split over them)")
   p.set_defaults(run=_bench)
 
   p = sub.add_parser("train", help="train G2Face (the official recipe) with checkpoints, metrics "
@@ -414,8 +428,17 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _skip_tpu_metadata_query_off_tpu() -> None:
+  """libtpu (the `tpu` extra) asks the Cloud TPU metadata server for its hosts when JAX
+  starts and prints pages of warnings where there is none; a machine without TPU chips
+  (no /dev/accel*, no /dev/vfio) has nothing to ask for."""
+  if not glob.glob("/dev/accel*") and not os.path.exists("/dev/vfio"):
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+
+
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
+  _skip_tpu_metadata_query_off_tpu()
   try:
     return args.run(args)
   except (OSError, ValueError, KeyError, ImportError) as e:

@@ -72,3 +72,28 @@ def test_topology_devices_of_v4_and_multislice():
   # the data axis crosses the two slices; each fsdp row stays on one slice
   assert sorted(set(slice_of[:, 0])) == [0, 1]
   assert all(len(set(row)) == 1 for row in slice_of)
+
+
+def test_refused_step_reports_the_excess_and_the_knobs():
+  # figures of the paper config refused on v5e-256 (global batch 256, data=16 x fsdp=16)
+  report = {"mesh": {"data": 16, "fsdp": 16}, "batch_per_device": 1, "remat": "none",
+            "global_batch": 256,
+            "groups": {"decoder": {"bytes": GIB, "bytes_per_device": GIB // 10, "leaves": 3,
+                                   "sharded_leaves": 2}}}
+  out = aot.refused(report, required=22387517030, available=16911433728)
+  assert out["fits"] is False and out["exceeded_by_bytes"] == 22387517030 - 16911433728
+  assert out["hint"].startswith("exceeds the chip's HBM by 5.10 GiB; try --remat full")
+  assert "--mesh data=8,fsdp=32" in out["hint"] and "--global-batch" not in out["hint"]
+  text = aot.format_report(dict(out, topology="v5e-256", tpu_topology="v5e:16x16", devices=256,
+                                slices=1, image_size=256, config_variant="paper",
+                                lower_seconds=1.0, compile_seconds=2.0, state_bytes=0))
+  assert "DOES NOT FIT: needs 20.85 GiB per chip, 15.75 GiB available" in text
+
+
+def test_hbm_refusal_is_read_from_the_compiler_error():
+  # the part of XLA's TPU out-of-memory message that the figures are read from
+  error = RuntimeError("RESOURCE_EXHAUSTED: ... Program hbm requirement (20.85G) exceeds "
+                       "available HBM (15.75G) ...")
+  required, available = aot._hbm_oom(error)
+  assert required == int(20.85 * GIB) and available == int(15.75 * GIB)
+  assert aot._hbm_oom(RuntimeError("INTERNAL: something else")) is None

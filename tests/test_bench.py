@@ -39,3 +39,25 @@ def test_bad_batch_is_a_one_line_error(capsys):
   assert cli.main(["bench", "--config", "tiny", "--batch", "x"]) == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("g2face bench: error:") and "--batch" in err and "\n" not in err
+
+
+TRAIN_KEYS = {"train_step_s", "train_img_per_s", "train_compile_s", "train_gflop_per_step",
+              "train_gflop_per_s", "argument_mb_per_device", "temp_mb_per_device", "devices",
+              "global_batch", "device", "peak_rss_mb"}
+
+
+def test_train_bench_json_on_tiny_config(capsys):
+  assert cli.main(["bench", "--train", "--config", "tiny", "--rounds", "1", "--json"]) == 0
+  record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert TRAIN_KEYS <= set(record)
+  assert record["global_batch"] == 4 and record["devices"] == 1
+  assert record["train_img_per_s"] == pytest.approx(4 / record["train_step_s"])
+  assert record["train_gflop_per_s"] == pytest.approx(
+      record["train_gflop_per_step"] / record["train_step_s"])
+  assert record["train_gflop_per_step"] > 0 and record["argument_mb_per_device"] > 0
+
+
+def test_bad_device_list_is_a_one_line_error(capsys):
+  assert cli.main(["bench", "--train", "--config", "tiny", "--devices", "0"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.count("\n") == 0 and "--devices '0'" in err
