@@ -133,7 +133,8 @@ def run_train(config: str = "smoke", rounds: int = 3, seed: int = 0) -> dict:
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   best = min(times[1:])
-  flops = float((compiled.cost_analysis() or {}).get("flops", 0.0))
+  # XLA's count is of one device's program (SPMD): the step's FLOPs are that times the devices
+  flops = float((compiled.cost_analysis() or {}).get("flops", 0.0)) * jax.device_count()
   memory = compiled.memory_analysis()
   return dict(
       config=config, size=int(s), global_batch=int(b), devices=jax.device_count(),
