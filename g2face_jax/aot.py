@@ -286,16 +286,23 @@ def remat_networks(nets: step_lib.Networks, policy: str) -> step_lib.Networks:
 
 # ---- compile ---------------------------------------------------------------------------
 
-_OOM = re.compile(r"\(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)")
+# XLA's TPU out-of-memory compile errors state the need and the capacity in one of two forms
+_OOM_FORMS = (re.compile(r"\(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)"),
+              re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm"))
 _UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
 
 
 def _hbm_oom(error: Exception) -> tuple[int, int] | None:
   """(required, available) bytes of XLA's TPU out-of-memory compile error, else None."""
-  m = _OOM.search(str(error))
-  if "RESOURCE_EXHAUSTED" not in str(error) or not m:
+  text = str(error)
+  if "RESOURCE_EXHAUSTED" not in text:
     return None
-  return (int(float(m.group(1)) * _UNITS[m.group(2)]), int(float(m.group(3)) * _UNITS[m.group(4)]))
+  for form in _OOM_FORMS:
+    m = form.search(text)
+    if m:
+      return (int(float(m.group(1)) * _UNITS[m.group(2)]),
+              int(float(m.group(3)) * _UNITS[m.group(4)]))
+  return None
 
 
 def _configured(config, global_batch, data, fsdp) -> ml_collections.ConfigDict:

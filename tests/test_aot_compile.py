@@ -95,4 +95,9 @@ def test_hbm_refusal_is_read_from_the_compiler_error():
                        "available HBM (15.75G) ...")
   required, available = aot._hbm_oom(error)
   assert required == int(20.85 * GIB) and available == int(15.75 * GIB)
+  # the other form, as libtpu printed it for the paper config with --remat full on v5e-256
+  error = RuntimeError("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent "
+                       "error. Ran out of memory in memory space hbm. Used 16.00G of 15.75G hbm. "
+                       "Exceeded hbm capacity by 260.76M.")
+  assert aot._hbm_oom(error) == (int(16.0 * GIB), int(15.75 * GIB))
   assert aot._hbm_oom(RuntimeError("INTERNAL: something else")) is None
