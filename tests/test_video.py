@@ -21,6 +21,7 @@ from g2face_jax.video import anonymize as video_anonymize
 from g2face_jax.video import io
 
 from test_anonymizer import PerfectExtractor, _run
+from test_video_io import write_audio_only
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 GROUP = os.path.join(DATA, "group_photo.jpg")
@@ -254,14 +255,8 @@ def test_bad_video_inputs(capsys, tmp_path, clip, bundle_dir, key_file):
   empty = maker.background(320, 180)
   maker.write_mp4(str(folder / "no_faces.mp4"), [empty] * 3, fps=12)
   (folder / "text.mp4").write_text("not a video")
-  voice = str(tmp_path / "voice.m4a")  # not a video suffix: named on the command line
-  import av
-  with av.open(voice, "w", format="mp4") as c:
-    s = c.add_stream("aac", rate=16000)
-    f = av.AudioFrame.from_ndarray(np.zeros((1, 4000), np.float32), format="fltp", layout="mono")
-    f.sample_rate, f.pts = 16000, 0
-    c.mux(s.encode(f))
-    c.mux(s.encode(None))
+  # not a video suffix: named on the command line
+  voice = write_audio_only(str(tmp_path / "voice.m4a"))
   out_dir = tmp_path / "out"
   (out_dir / "blocked.mkv").mkdir(parents=True)  # a folder where the output should go
   os.symlink(clip, folder / "blocked.mp4")

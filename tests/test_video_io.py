@@ -125,14 +125,19 @@ def test_content_sniffing(tmp_path):
     io.probe(str(tmp_path / "notes.mp4"))
 
 
-def test_no_video_stream(tmp_path):
-  path = str(tmp_path / "voice.m4a")
+def write_audio_only(path: str) -> str:
+  """An MP4 container holding a quarter second of silent AAC and no video stream."""
   with av.open(path, "w", format="mp4") as c:
     s = c.add_stream("aac", rate=16000)
     f = av.AudioFrame.from_ndarray(np.zeros((1, 4000), np.float32), format="fltp", layout="mono")
     f.sample_rate, f.pts = 16000, 0
     c.mux(s.encode(f))
     c.mux(s.encode(None))
+  return path
+
+
+def test_no_video_stream(tmp_path):
+  path = write_audio_only(str(tmp_path / "voice.m4a"))
   assert io.is_video(path)
   with pytest.raises(io.VideoError, match="no video stream"):
     io.probe(path)
