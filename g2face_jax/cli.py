@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import sys
 
@@ -428,17 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _skip_tpu_metadata_query_off_tpu() -> None:
-  """libtpu (the `tpu` extra) asks the Cloud TPU metadata server for its hosts when JAX
-  starts and prints pages of warnings where there is none; a machine without TPU chips
-  (no /dev/accel*, no /dev/vfio) has nothing to ask for."""
-  if not glob.glob("/dev/accel*") and not os.path.exists("/dev/vfio"):
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-
-
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
-  _skip_tpu_metadata_query_off_tpu()
   try:
     return args.run(args)
   except (OSError, ValueError, KeyError, ImportError) as e:
