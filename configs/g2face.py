@@ -55,6 +55,9 @@ def _training(global_batch: int, replica_batch: int, num_steps: int) -> dict:
           decay_per_epoch=0.95,         # x0.95 per epoch after warmup + 1
           r1_every=16,                  # R1 on iterations that are multiples of this
           hiding_input_noise=0.01,      # std of N(0, s^2) added before the extractor
+          # Rematerialisation of every network in the backward pass (memory for compute):
+          # none (official), full, dots_saveable, dots_with_no_batch_dims_saveable.
+          remat="none",
       )),
       loss=ml_collections.ConfigDict(dict(
           identity=1.0, diversity=1.0, shape=1.0, landmark=0.01, color=1.0,

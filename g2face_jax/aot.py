@@ -253,37 +253,6 @@ def parameter_groups(state, state_sh, frozen, frozen_sh) -> dict:
   return out
 
 
-# ---- rematerialisation -----------------------------------------------------------------
-
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
-
-
-def remat_networks(nets: step_lib.Networks, policy: str) -> step_lib.Networks:
-  """Every network's forward rematerialised in the backward pass ('full': keep only each
-  network's inputs; else the named `jax.checkpoint_policies` policy). Same variables."""
-  if policy not in REMAT_POLICIES:
-    raise ValueError(f"unknown remat policy '{policy}' ({', '.join(REMAT_POLICIES)})")
-  if policy == "none":
-    return nets
-  chosen = None if policy == "full" else getattr(jax.checkpoint_policies, policy)
-
-  def wrap(module):
-    fields = {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
-              if f.init and f.name not in ("parent", "name")}
-    if "train" not in inspect.signature(type(module).__call__).parameters:
-      return nn.remat(type(module), policy=chosen)(**fields)
-    rematted = nn.remat(type(module), policy=chosen, static_argnums=(2,))
-
-    class TrainPositional(rematted):  # `train=` (a Python bool) reaches remat as static
-      def __call__(self, x, train: bool = False):
-        return super().__call__(x, train)
-
-    return TrainPositional(**fields)
-
-  return step_lib.Networks(**{f.name: wrap(getattr(nets, f.name))
-                              for f in dataclasses.fields(nets)})
-
-
 # ---- compile ---------------------------------------------------------------------------
 
 # XLA's TPU out-of-memory compile errors state the need and the capacity in one of two forms
@@ -305,17 +274,19 @@ def _hbm_oom(error: Exception) -> tuple[int, int] | None:
   return None
 
 
-def _configured(config, global_batch, data, fsdp) -> ml_collections.ConfigDict:
+def _configured(config, global_batch, data, fsdp, remat) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(config.to_dict())
   if global_batch is not None:
     config.train.global_batch = global_batch
+  if remat is not None:
+    config.train.remat = remat
   config.mesh.data, config.mesh.fsdp = data, fsdp
   return config
 
 
 def compile_train_step(config: ml_collections.ConfigDict, topology: str, *,
                        global_batch: int | None = None, mesh: str = "",
-                       remat: str = "none", num_slices: int = 1) -> dict:
+                       remat: str | None = None, num_slices: int = 1) -> dict:
   """Lower and compile the training iteration of `config` for a TPU slice; a flat report
   (bytes per device, FLOPs, estimates from the published peak, parameter groups,
   seconds spent). `fits` is False (with `required_bytes`, `exceeded_by_bytes` and a
@@ -324,7 +295,7 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str, *,
   devices = topology_devices(sl)
   data, fsdp = parse_mesh(mesh) if mesh else (config.mesh.data, config.mesh.fsdp)
   data, fsdp = _mesh_sizes(sl.devices, num_slices, data, fsdp)
-  config = _configured(config, global_batch, data, fsdp)
+  config = _configured(config, global_batch, data, fsdp, remat)
   b = config.train.global_batch
   if b % sl.devices or b % config.train.replica_batch:
     raise ValueError(f"global batch {b} must be a multiple of the {sl.devices} devices and of "
@@ -335,18 +306,13 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str, *,
                       devices=grid.reshape(-1))
   state = abstract_state(config)
   step = rt.train_step
-  if remat != "none":
-    step = jax.jit(functools.partial(step_lib.train_step, remat_networks(rt.nets, remat),
-                                     rt.settings),
-                   in_shardings=(rt.state_sharding, rt.frozen_sharding, rt.batch_sharding),
-                   out_shardings=(rt.state_sharding, sharding.replicated(rt.mesh)),
-                   donate_argnums=0)
   size = config.model.size
   images = jax.ShapeDtypeStruct((b, size, size, 3), np.float32, sharding=rt.batch_sharding)
   report = {
       "topology": sl.name, "tpu_topology": sl.topology, "chip": sl.chip.generation,
       "devices": sl.devices, "slices": num_slices, "mesh": {"data": data, "fsdp": fsdp},
-      "global_batch": b, "batch_per_device": b // sl.devices, "remat": remat,
+      "global_batch": b, "batch_per_device": b // sl.devices,
+      "remat": config.train.remat,
       "image_size": size, "config_variant": config.get("variant", ""),
       "published_hbm_bytes": sl.chip.hbm_bytes, "peak_flops_per_device": sl.chip.peak_flops,
       "groups": parameter_groups(state, rt.state_sharding, frozen, rt.frozen_sharding),

@@ -417,9 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
                  "v5p-128, v6e-64, or GENERATION:SHAPE such as v5e:4x4")
   p.add_argument("--global-batch", type=int, help="global batch (default: the config's)")
   p.add_argument("--mesh", help="data=D,fsdp=F (default: the config's mesh; data=-1 takes the rest)")
-  p.add_argument("--remat", default="none", help="rematerialise each network in the backward "
-                 "pass: none (default, as training runs), full, dots_saveable, "
-                 "dots_with_no_batch_dims_saveable")
+  p.add_argument("--remat", help="rematerialise each network in the backward pass: none, "
+                 "full, dots_saveable, dots_with_no_batch_dims_saveable (default: the "
+                 "config's train.remat, as training runs)")
   p.add_argument("--slices", type=int, default=1,
                  help="number of slices joined over the data-center network (data axis)")
   p.add_argument("--json", action="store_true", help="print one JSON object")

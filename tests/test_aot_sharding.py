@@ -126,24 +126,3 @@ def test_out_of_hbm_message_is_read_and_gives_a_knob():
   hint = aot._hint(report)
   assert "by 353.09 GiB" in hint and "--global-batch 32768" in hint
   assert "--remat full" in hint and "--mesh data=4,fsdp=2" in hint
-
-
-def test_remat_keeps_the_variables(tiny_config):
-  from g2face_jax.train import step as step_lib
-  nets = step_lib.Networks.from_config(tiny_config.model)
-  rematted = aot.remat_networks(nets, "full")
-  from g2face_jax import models
-  for name in ("decoder", "extractor", "discriminator"):
-    inputs = models.example_inputs(tiny_config.model, name)
-    kwargs = {"train": True} if name == "extractor" else {}
-    plain = jax.eval_shape(lambda: getattr(nets, name).init(jax.random.key(0), *inputs, **kwargs))
-    remat = jax.eval_shape(lambda: getattr(rematted, name).init(jax.random.key(0), *inputs,
-                                                                **kwargs))
-    assert jax.tree.structure(plain) == jax.tree.structure(remat), name
-    assert [x.shape for x in jax.tree.leaves(plain)] == [x.shape for x in jax.tree.leaves(remat)]
-    apply = lambda v, m=getattr(rematted, name): m.apply(v, *inputs, mutable=True, **kwargs)  # noqa: E731
-    eqns = jax.make_jaxpr(apply)(remat).jaxpr.eqns  # the whole forward is one remat region
-    assert [e.primitive.name for e in eqns if e.primitive.name in ("remat2", "checkpoint")], name
-  assert aot.remat_networks(nets, "none") is nets
-  with pytest.raises(ValueError, match="unknown remat policy"):
-    aot.remat_networks(nets, "sometimes")
