@@ -58,6 +58,9 @@ def _training(global_batch: int, replica_batch: int, num_steps: int) -> dict:
           # Rematerialisation of every network in the backward pass (memory for compute):
           # none (official), full, dots_saveable, dots_with_no_batch_dims_saveable.
           remat="none",
+          # Network compute dtype; state, losses and optimizer stay float32: float32
+          # (official) or bfloat16 (for accelerators).
+          compute_dtype="float32",
       )),
       loss=ml_collections.ConfigDict(dict(
           identity=1.0, diversity=1.0, shape=1.0, landmark=0.01, color=1.0,

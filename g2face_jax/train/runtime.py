@@ -15,6 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from g2face_jax.train import precision
 from g2face_jax.train import remat as remat_lib
 from g2face_jax.train import sharding
 from g2face_jax.train import state as state_lib
@@ -62,7 +63,8 @@ def create(config: ml_collections.ConfigDict, steps_per_epoch: int, frozen: dict
   frozen_sh = sharding.state_shardings(abstract_frozen, mesh, config.mesh)
   batch_sh = sharding.batch_sharding(mesh, config.mesh)
   replicated = sharding.replicated(mesh)
-  step_nets = remat_lib.remat_networks(nets, config.train.remat)
+  step_nets = precision.compute_in(remat_lib.remat_networks(nets, config.train.remat),
+                                  config.train.compute_dtype)
   train_step = jax.jit(functools.partial(step_lib.train_step, step_nets, settings),
                        in_shardings=(state_sh, frozen_sh, batch_sh),
                        out_shardings=(state_sh, replicated), donate_argnums=0)
