@@ -1,8 +1,9 @@
 """Throughput of the official anonymize and recover paths on random weights.
 
-`run(config, batch)` builds every network of the config with fresh variables
-(`models.init_variables`), times `pipeline.official_anonymize` and
-`pipeline.official_recover` on random crops and returns one flat dict:
+`run(config, batch, dtype=...)` builds every network of the config with fresh
+variables (`models.init_variables`), times `pipeline.official_anonymize` and
+`pipeline.official_recover` in the compute dtype (float32, the official
+computation, or bfloat16) on random crops and returns one flat dict:
 compile time apart from run time (the first call compiles), the best steady
 run of `rounds`, seconds and images per second per image, XLA's FLOP count of
 each path (`Lowered.cost_analysis`) and the achieved GFLOP/s, the process's
@@ -16,6 +17,7 @@ CPU devices (`--xla_force_host_platform_device_count`).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
@@ -74,10 +76,15 @@ def _flops(fn: Callable, *args) -> float:
   return float((lowered.cost_analysis() or {}).get("flops", 0.0))
 
 
-def run(config: str = "paper", batch: int = 1, rounds: int = 3, seed: int = 0) -> dict:
+def run(config: str = "paper", batch: int = 1, rounds: int = 3, seed: int = 0,
+        dtype: str = "float32") -> dict:
   """Bench one configuration; returns a flat dict (seconds, GFLOP, MB; see the module doc)."""
   if batch < 1 or rounds < 1:
     raise ValueError(f"batch and rounds must be >= 1, got batch={batch}, rounds={rounds}")
+  if dtype not in pipeline.DTYPES:
+    raise ValueError(f"--dtype '{dtype}': choose from {', '.join(pipeline.DTYPES)}")
+  anonymize = functools.partial(pipeline.official_anonymize, dtype=dtype)
+  recover = functools.partial(pipeline.official_recover, dtype=dtype)
   model = config_lib.load(config).model
   nets = pipeline.Networks.from_config(model)
   keys = jax.random.split(jax.random.key(seed), 4)
@@ -88,15 +95,14 @@ def run(config: str = "paper", batch: int = 1, rounds: int = 3, seed: int = 0) -
            zip(jax.random.split(keys[3], len(decoder.noise_shapes(model.size, batch))),
                decoder.noise_shapes(model.size, batch))]
 
-  anon_out, anon_first, anon_best = _timed(
-      lambda: pipeline.official_anonymize(nets, variables, x, z, noise), rounds)
+  anon_out, anon_first, anon_best = _timed(lambda: anonymize(nets, variables, x, z, noise), rounds)
   anon, hide_bits = anon_out["anon"], anon_out["hide_bits"]
-  _, rec_first, rec_best = _timed(
-      lambda: pipeline.official_recover(nets, variables, anon, hide_bits, noise), rounds)
-  anon_flops = _flops(pipeline.official_anonymize, nets, variables, x, z, noise)
-  rec_flops = _flops(pipeline.official_recover, nets, variables, anon, hide_bits, noise)
+  _, rec_first, rec_best = _timed(lambda: recover(nets, variables, anon, hide_bits, noise), rounds)
+  anon_flops = _flops(anonymize, nets, variables, x, z, noise)
+  rec_flops = _flops(recover, nets, variables, anon, hide_bits, noise)
   return dict(
-      config=config, size=int(model.size), batch=batch, rounds=rounds, device=device_name(),
+      config=config, size=int(model.size), batch=batch, rounds=rounds, dtype=dtype,
+      device=device_name(),
       anonymize_s_per_img=anon_best / batch, recover_s_per_img=rec_best / batch,
       anonymize_img_per_s=batch / anon_best, recover_img_per_s=batch / rec_best,
       anonymize_compile_s=max(anon_first - anon_best, 0.0),
@@ -176,8 +182,8 @@ def format_train_result(r: dict) -> str:
 
 def format_result(r: dict) -> str:
   """A few human-readable lines for one `run` result."""
-  lines = [f"{r['config']} ({r['size']}x{r['size']}), batch {r['batch']}, best of {r['rounds']}, "
-           f"{r['device']}"]
+  lines = [f"{r['config']} ({r['size']}x{r['size']}), batch {r['batch']}, {r['dtype']}, "
+           f"best of {r['rounds']}, {r['device']}"]
   for path in ("anonymize", "recover"):
     lines.append(
         f"  {path:9s} {r[f'{path}_s_per_img'] * 1e3:9.1f} ms/img  {r[f'{path}_img_per_s']:7.2f} img/s"

@@ -172,6 +172,9 @@ def _bench(args) -> int:
   import json
 
   from g2face_jax import bench
+  if args.train and args.dtype != "float32":
+    raise ValueError("--dtype times anonymize and recover; for --train set "
+                     "train.compute_dtype in the config")
   if args.train:
     if args.devices:
       results = bench.scaling(args.config, bench.parse_batches(args.devices, "--devices"),
@@ -182,7 +185,7 @@ def _bench(args) -> int:
       print(json.dumps(result) if args.json else bench.format_train_result(result), flush=True)
     return 0
   for batch in bench.parse_batches(args.batch):
-    result = bench.run(args.config, batch, args.rounds)
+    result = bench.run(args.config, batch, args.rounds, dtype=args.dtype)
     print(json.dumps(result) if args.json else bench.format_result(result), flush=True)
   return 0
 
@@ -370,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--rounds", type=int, default=3, help="timed runs after the compiling one; "
                  "the best counts (default: 3)")
   p.add_argument("--json", action="store_true", help="one JSON object per batch size on stdout")
+  p.add_argument("--dtype", default="float32", help="compute dtype of anonymize and recover: "
+                 "float32 (official, default) or bfloat16 (decoder and extractor convolutions "
+                 "as bfloat16 matmuls with float32 accumulation)")
   p.add_argument("--train", action="store_true", help="time one training iteration instead "
                  "(the config's global batch and mesh; e.g. --config smoke)")
   p.add_argument("--devices", help="with --train on CPU: simulated device counts to compare, "

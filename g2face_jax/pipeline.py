@@ -16,6 +16,13 @@ Stages (the parity fixtures' README):
 The hidden bits are an input, so any payload code can ride on the decoder;
 `official_anonymize` / `official_recover` chain the stages with the official
 float32 code (hide_bits = the 32 IEEE bits of each ArcFace value).
+
+`dtype` (anonymize, extract_identity, restore and the official chains):
+'float32' (default) is the official computation; 'bfloat16' runs the decoder's
+and the extractor's heavy convolutions on bfloat16 operands with float32
+accumulation (see `decoder.Decoder`), a faster approximation where the CPU has
+bfloat16 matmul units. Variables, inputs and outputs stay float32 either way;
+`analyze` (ArcFace, 3DMM) and the small mapping networks always run in float32.
 """
 from __future__ import annotations
 
@@ -48,6 +55,18 @@ class Networks:
 
 
 NETWORKS = tuple(f.name for f in dataclasses.fields(Networks))
+DTYPES = ("float32", "bfloat16")
+
+
+def in_dtype(nets: Networks, dtype: str) -> Networks:
+  """`nets` with the decoder and extractor computing in `dtype` (one of DTYPES);
+  'float32' returns `nets` itself."""
+  if dtype not in DTYPES:
+    raise ValueError(f"unknown compute dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+  if dtype == "float32":
+    return nets
+  return dataclasses.replace(nets, decoder=nets.decoder.clone(dtype=dtype),
+                             extractor=nets.extractor.clone(dtype=dtype))
 
 
 def _styles(nets: Networks, variables: Variables, identity: jax.Array,
@@ -63,33 +82,39 @@ def analyze(nets: Networks, variables: Variables, x: jax.Array) -> dict[str, jax
               coeff=nets.recon_net.apply(variables["recon_net"], (x + 1) / 2))
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, static_argnames="dtype")
 def anonymize(nets: Networks, variables: Variables, x: jax.Array, coeff: jax.Array, z: jax.Array,
-              hide_bits: jax.Array, noise: Sequence[jax.Array]) -> dict[str, jax.Array]:
+              hide_bits: jax.Array, noise: Sequence[jax.Array],
+              dtype: str = "float32") -> dict[str, jax.Array]:
   """Decode x towards the virtual identity Map2ID(z) with the bits hidden in it.
 
   x (B,S,S,3) in [-1,1]; coeff (B,257) from `analyze`; z (B,512) dummy-identity
   input; hide_bits (B,512,32) in {0,1}; noise per `decoder.noise_shapes`.
   Returns rand_id (B,512), style (B,n_styles,style_dim) and anon (B,S,S,3), unclipped.
   """
+  nets = in_dtype(nets, dtype)
   rand_id = nets.map_2_id.apply(variables["map_2_id"], z, train=False)
   style = _styles(nets, variables, rand_id, coeff)
   anon = nets.decoder.apply(variables["decoder"], x, style, hide_bits, noise)
   return dict(rand_id=rand_id, style=style, anon=anon)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def extract_identity(nets: Networks, variables: Variables, anon: jax.Array) -> dict[str, jax.Array]:
+@functools.partial(jax.jit, static_argnums=0, static_argnames="dtype")
+def extract_identity(nets: Networks, variables: Variables, anon: jax.Array,
+                     dtype: str = "float32") -> dict[str, jax.Array]:
   """anon (B,S,S,3) -> logits (B,512,32), bits in {0,1} and the officially decoded identity (B,512)."""
+  nets = in_dtype(nets, dtype)
   logits = nets.extractor.apply(variables["extractor"], anon, train=False)
   bits = payload.bits_from_logits(logits)
   return dict(logits=logits, bits=bits, extracted_id=payload.decode_identity(bits))
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, static_argnames="dtype")
 def restore(nets: Networks, variables: Variables, anon: jax.Array, identity: jax.Array,
-            hide_bits: jax.Array, noise: Sequence[jax.Array]) -> dict[str, jax.Array]:
+            hide_bits: jax.Array, noise: Sequence[jax.Array],
+            dtype: str = "float32") -> dict[str, jax.Array]:
   """Decoder pass back to `identity` (B,512): coeff_anon (B,257) and recovered (B,S,S,3)."""
+  nets = in_dtype(nets, dtype)
   coeff_anon = nets.recon_net.apply(variables["recon_net"], (anon + 1) / 2)
   style = _styles(nets, variables, identity, coeff_anon)
   recovered = nets.decoder.apply(variables["decoder"], anon, style, hide_bits, noise)
@@ -97,24 +122,24 @@ def restore(nets: Networks, variables: Variables, anon: jax.Array, identity: jax
 
 
 def official_anonymize(nets: Networks, variables: Variables, x: jax.Array, z: jax.Array,
-                       noise: Sequence[jax.Array]) -> dict[str, jax.Array]:
+                       noise: Sequence[jax.Array], dtype: str = "float32") -> dict[str, jax.Array]:
   """The official test's anonymization: hides the float32 bits of ArcFace(x).
 
   Returns arc_id, coeff, hide_bits and what `anonymize` returns.
   """
   out = analyze(nets, variables, x)
   out["hide_bits"] = payload.float_to_bits(out["arc_id"])
-  out.update(anonymize(nets, variables, x, out["coeff"], z, out["hide_bits"], noise))
+  out.update(anonymize(nets, variables, x, out["coeff"], z, out["hide_bits"], noise, dtype=dtype))
   return out
 
 
 def official_recover(nets: Networks, variables: Variables, anon: jax.Array, hide_bits: jax.Array,
-                     noise: Sequence[jax.Array]) -> dict[str, jax.Array]:
+                     noise: Sequence[jax.Array], dtype: str = "float32") -> dict[str, jax.Array]:
   """The official test's recovery: extract the hidden identity from anon and decode back.
 
   hide_bits (B,512,32) is what the recovery pass hides again (the official test
   passes the original's bits). Returns what `extract_identity` and `restore` return.
   """
-  out = extract_identity(nets, variables, anon)
-  out.update(restore(nets, variables, anon, out["extracted_id"], hide_bits, noise))
+  out = extract_identity(nets, variables, anon, dtype=dtype)
+  out.update(restore(nets, variables, anon, out["extracted_id"], hide_bits, noise, dtype=dtype))
   return out

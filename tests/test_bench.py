@@ -8,7 +8,7 @@ from g2face_jax import bench, cli
 KEYS = {"anonymize_s_per_img", "recover_s_per_img", "batch", "device", "anonymize_img_per_s",
         "recover_img_per_s", "anonymize_compile_s", "recover_compile_s",
         "anonymize_gflop_per_img", "recover_gflop_per_img", "anonymize_gflop_per_s",
-        "recover_gflop_per_s", "peak_rss_mb"}
+        "recover_gflop_per_s", "peak_rss_mb", "dtype"}
 
 
 def test_bench_json_on_tiny_config(capsys):
@@ -18,6 +18,7 @@ def test_bench_json_on_tiny_config(capsys):
   record = json.loads(lines[0])
   assert KEYS <= set(record)
   assert record["batch"] == 1 and record["config"] == "tiny" and record["size"] == 32
+  assert record["dtype"] == "float32"
   assert record["device"].startswith("cpu")
   for path in ("anonymize", "recover"):
     assert record[f"{path}_s_per_img"] > 0
@@ -61,3 +62,17 @@ def test_bad_device_list_is_a_one_line_error(capsys):
   assert cli.main(["bench", "--train", "--config", "tiny", "--devices", "0"]) == 2
   err = capsys.readouterr().err.strip()
   assert err.count("\n") == 0 and "--devices '0'" in err
+
+
+def test_bench_bfloat16_record(capsys):
+  assert cli.main(["bench", "--config", "tiny", "--rounds", "1", "--dtype", "bfloat16",
+                   "--json"]) == 0
+  record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert record["dtype"] == "bfloat16" and KEYS <= set(record)
+  assert record["anonymize_gflop_per_img"] > 0 and record["recover_s_per_img"] > 0
+
+
+def test_dtype_with_train_is_a_one_line_error(capsys):
+  assert cli.main(["bench", "--train", "--config", "tiny", "--dtype", "bfloat16"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "train.compute_dtype" in err and "\n" not in err

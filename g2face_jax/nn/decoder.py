@@ -14,7 +14,7 @@ before `conv1`.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -47,39 +47,50 @@ def num_styles(size: int) -> int:
 
 
 class PyramidConv(nn.Module):
-  """Plain conv -> InstanceNorm -> [LeakyReLU 0.2]; 4x4 stride 2 when down-sampling, else 3x3."""
+  """Plain conv -> InstanceNorm -> [LeakyReLU 0.2]; 4x4 stride 2 when down-sampling, else 3x3.
+
+  `dtype`: the conv's (`plain.Conv`); the norm runs on its output's dtype.
+  """
   features: int
   downsample: bool
   activate: bool = True
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     k, stride = (4, 2) if self.downsample else (3, 1)
-    out = plain.Conv(x.shape[-1], self.features, k, stride=stride, padding=1, name="conv")(x)
+    out = plain.Conv(x.shape[-1], self.features, k, stride=stride, padding=1, name="conv",
+                     dtype=self.dtype)(x)
     out = ops.instance_norm(out)
     return jax.nn.leaky_relu(out, 0.2) if self.activate else out
 
 
 class PyramidBlock(nn.Module):
-  """Encoder block: (conv1 -> conv2) + skip, over sqrt 2."""
+  """Encoder block: (conv1 -> conv2) + skip, over sqrt 2; `dtype`: the convs'."""
   features: int
   downsample: bool = True
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    out = PyramidConv(x.shape[-1], downsample=False, name="conv1")(x)
-    out = PyramidConv(self.features, self.downsample, name="conv2")(out)
-    skip = PyramidConv(self.features, self.downsample, activate=False, name="skip")(x)
+    out = PyramidConv(x.shape[-1], downsample=False, dtype=self.dtype, name="conv1")(x)
+    out = PyramidConv(self.features, self.downsample, dtype=self.dtype, name="conv2")(out)
+    skip = PyramidConv(self.features, self.downsample, activate=False, dtype=self.dtype,
+                       name="skip")(x)
     return (out + skip) * (1.0 / math.sqrt(2.0))
 
 
 class FusionMask(nn.Module):
-  """Plain 1x1 conv -> InstanceNorm -> sigmoid: the IFF mask in (0, 1), (B,H,W,features)."""
+  """Plain 1x1 conv -> InstanceNorm -> sigmoid: the IFF mask in (0, 1), (B,H,W,features).
+
+  `dtype`: the conv's (`plain.Conv`).
+  """
   features: int
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    out = plain.Conv(x.shape[-1], self.features, 1, name="conv")(x)
+    out = plain.Conv(x.shape[-1], self.features, 1, name="conv", dtype=self.dtype)(x)
     return jax.nn.sigmoid(ops.instance_norm(out))
 
 
@@ -110,12 +121,21 @@ class Decoder(nn.Module):
   Returns the image (B,size,size,3), unclipped.
 
   `channels[i]`: width at resolution 4 * 2**i, from 4 up to `size`.
+
+  `dtype` None or 'float32': the official float32 computation (following x's
+  dtype). 'bfloat16': the styled convolutions, the pyramid encoder and the
+  fusion-mask convs multiply bfloat16 operands with float32 accumulation
+  (`ops.conv2d_matmul`); activations between layers, styles, demodulation,
+  normalisation, noise, biases, FIR filters, hiding injections and ToRGB stay
+  float32, and so does the returned image.
   """
   size: int
   channels: Sequence[int]
   blur_taps: Sequence[float] = stylegan.BLUR_TAPS
+  dtype: Any = None
 
   def setup(self):
+    ops.matmul_dtype(self.dtype)  # a bad dtype fails here, by name
     log_size = int(round(math.log2(self.size)))
     if 2 ** log_size != self.size or self.size < 8 or len(self.channels) != log_size - 1:
       raise ValueError(f"decoder size {self.size} must be a power of two >= 8 with one "
@@ -125,22 +145,23 @@ class Decoder(nn.Module):
     self.n_levels = log_size - 2
     ch = list(self.channels)
     self.input = stylegan.ConstantInput(ch[0])
-    self.conv1 = stylegan.StyledConv(ch[0], blur_taps=self.blur_taps)
+    self.conv1 = stylegan.StyledConv(ch[0], blur_taps=self.blur_taps, dtype=self.dtype)
     self.to_rgb1 = stylegan.ToRGB(blur_taps=self.blur_taps)
     convs, to_rgbs, injects = [], [], []
     for level in range(self.n_levels):
       res, width = 8 * 2 ** level, ch[level + 1]
-      convs.append(stylegan.StyledConv(width, upsample=True, blur_taps=self.blur_taps))
-      convs.append(stylegan.StyledConv(width, blur_taps=self.blur_taps))
+      convs.append(stylegan.StyledConv(width, upsample=True, blur_taps=self.blur_taps,
+                                       dtype=self.dtype))
+      convs.append(stylegan.StyledConv(width, blur_taps=self.blur_taps, dtype=self.dtype))
       to_rgbs.append(stylegan.ToRGB(blur_taps=self.blur_taps))
       if res < self.size:
         injects += [HidingInjection(res, width), HidingInjection(res, width)]
     self.convs, self.to_rgbs, self.hiding_injects = convs, to_rgbs, injects
     # pyramid[k] and fusion_mask[k] work at resolution size / 2**k.
     widths = ch[::-1]
-    self.pyramid = [PyramidBlock(widths[0], downsample=False)] + [
-        PyramidBlock(w) for w in widths[1:]]
-    self.fusion_mask = [FusionMask(w) for w in widths]
+    self.pyramid = [PyramidBlock(widths[0], downsample=False, dtype=self.dtype)] + [
+        PyramidBlock(w, dtype=self.dtype) for w in widths[1:]]
+    self.fusion_mask = [FusionMask(w, dtype=self.dtype) for w in widths]
 
   def __call__(self, x: jax.Array, styles: jax.Array, bits: jax.Array,
                noise: Sequence[jax.Array] | None = None) -> jax.Array:

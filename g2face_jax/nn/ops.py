@@ -167,20 +167,118 @@ def upfirdn2d_reference(x: jax.Array, kernel: np.ndarray, up: int = 1, down: int
   return out
 
 
-def conv2d(x: jax.Array, w: jax.Array, stride: int = 1, padding=0) -> jax.Array:
-  """Plain convolution (cross-correlation, as PyTorch); x (B,H,W,Cin), w (kh,kw,Cin,Cout)."""
+MATMUL_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
+def matmul_dtype(dtype) -> jnp.dtype | None:
+  """The convolution operand dtype a `dtype` option names: None for float32 (the
+  default path, `lax.conv` in the input's dtype), bfloat16 for the matmul form.
+
+  Takes None, 'float32', 'bfloat16' or the jnp dtypes; anything else is a ValueError.
+  """
+  if dtype is None:
+    return None
+  name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
+  if name not in MATMUL_DTYPES:
+    raise ValueError(f"unknown compute dtype '{dtype}' (choose from {', '.join(MATMUL_DTYPES)})")
+  return MATMUL_DTYPES[name]
+
+
+def _space_to_depth2(x: jax.Array) -> jax.Array:
+  """(B, 2H, 2W, C) -> (B, H, W, 4C), channel index (p * 2 + q) * C + c for pixel (2h+p, 2w+q)."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h // 2, w // 2, 4 * c)
+
+
+def _kernel_space_to_depth2(w: jax.Array) -> jax.Array:
+  """(k, k, Cin, Cout) -> (ceil(k/2), ceil(k/2), 4 Cin, Cout), the taps of `_space_to_depth2`
+  inputs; odd k gets zero taps at the end."""
+  kh, kw, cin, cout = w.shape
+  w = jnp.pad(w, ((0, kh % 2), (0, kw % 2), (0, 0), (0, 0)))
+  w = w.reshape(w.shape[0] // 2, 2, w.shape[1] // 2, 2, cin, cout).transpose(0, 2, 1, 3, 4, 5)
+  return w.reshape(w.shape[0], w.shape[1], 4 * cin, cout)
+
+
+def conv2d_matmul(x: jax.Array, w: jax.Array, stride: int = 1, padding=0,
+                  dtype=jnp.bfloat16) -> jax.Array:
+  """`conv2d` as matrix products with `dtype` operands and float32 accumulation.
+
+  x (B,H,W,Cin), w (kh,kw,Cin,Cout) of any float dtype -> float32 (B,H',W',Cout).
+  The kw column shifts of the padded input are stacked on the channel axis, one
+  dot_general multiplies them by all kh kernel rows at once (K = kw Cin, N =
+  kh Cout) and the kh row-shifted slices of its output are summed. Stride 2
+  becomes stride 1 on the space-to-depth input. XLA's CPU bfloat16 matmuls run
+  at about twice the float32 rate while its bfloat16 convolutions do not.
+  """
   if isinstance(padding, int):
     padding = ((padding, padding), (padding, padding))
+  (pt, pb), (pl, pr) = padding
+  kh, kw, cin, cout = w.shape
+  b, h, wd, _ = x.shape
+  oh, ow = (h + pt + pb - kh) // stride + 1, (wd + pl + pr - kw) // stride + 1
+  x = x.astype(dtype)
+  w = w.astype(dtype)
+  if stride == 2:
+    hp, wp = 2 * (oh + (kh - 1) // 2), 2 * (ow + (kw - 1) // 2)  # even sizes covering every tap
+    x = jnp.pad(x, ((0, 0), (pt, max(hp - h - pt, 0)), (pl, max(wp - wd - pl, 0)), (0, 0)))
+    x = _space_to_depth2(x[:, :hp, :wp])
+    w = _kernel_space_to_depth2(w)
+    kh, kw, cin = w.shape[0], w.shape[1], w.shape[2]
+  elif stride == 1:
+    x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  else:
+    raise ValueError(f"conv2d_matmul supports stride 1 or 2, got {stride}")
+  cols = x[:, :, :ow] if kw == 1 else jnp.concatenate([x[:, :, j:j + ow] for j in range(kw)], -1)
+  rows = oh + kh - 1
+  kernel = w.transpose(1, 2, 0, 3).reshape(kw * cin, kh * cout)  # rows (j, c), columns (i, o)
+  y = jax.lax.dot_general(cols[:, :rows], kernel, (((3,), (0,)), ((), ())),
+                          preferred_element_type=jnp.float32)
+  out = y[:, :oh, :, :cout]
+  for i in range(1, kh):
+    out = out + y[:, i:i + oh, :, i * cout:(i + 1) * cout]
+  return out
+
+
+def conv2d(x: jax.Array, w: jax.Array, stride: int = 1, padding=0, dtype=None) -> jax.Array:
+  """Plain convolution (cross-correlation, as PyTorch); x (B,H,W,Cin), w (kh,kw,Cin,Cout).
+
+  `dtype` None: `lax.conv` in x's dtype; bfloat16: `conv2d_matmul`, float32 result.
+  """
+  if isinstance(padding, int):
+    padding = ((padding, padding), (padding, padding))
+  if dtype is not None:
+    return conv2d_matmul(x, w, stride, padding, dtype)
   return jax.lax.conv_general_dilated(
       x, w.astype(x.dtype), window_strides=(stride, stride), padding=padding,
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def _conv_transpose2x_phases(x: jax.Array, w: jax.Array) -> list[list[jax.Array]]:
+def conv_general_dilated_bf16(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                              rhs_dilation=None, dimension_numbers=None,
+                              feature_group_count=1, precision=None) -> jax.Array:
+  """`lax.conv_general_dilated`'s signature (for `flax.linen.Conv`) computed by
+  `conv2d_matmul` in bfloat16 with a float32 result: NHWC/HWIO, square stride 1 or 2,
+  explicit padding, no dilation or groups."""
+  del precision
+  strides = tuple(window_strides)
+  nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+  if (dimension_numbers is None
+      or jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != nhwc
+      or feature_group_count != 1
+      or any(d != 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
+      or isinstance(padding, str) or len(set(strides)) != 1):
+    raise ValueError("conv_general_dilated_bf16 takes NHWC/HWIO convolutions with explicit "
+                     "padding, one stride and no dilation or groups")
+  return conv2d_matmul(lhs, rhs, strides[0], tuple(tuple(p) for p in padding), jnp.bfloat16)
+
+
+def _conv_transpose2x_phases(x: jax.Array, w: jax.Array, dtype=None) -> list[list[jax.Array]]:
   """The four sub-pixel phases of `conv_transpose2x`: grid[py][px][:, m, n] = out[:, 2m+py, 2n+px].
 
   Each phase is an ordinary stride-1 convolution of x with the taps that land
-  on it (output pixel 2m + p gathers taps i = p + 2t from input pixel m - t).
+  on it (output pixel 2m + p gathers taps i = p + 2t from input pixel m - t),
+  computed by `conv2d` with `dtype`.
   """
   k = w.shape[0]
   if k < 2:
@@ -191,35 +289,38 @@ def _conv_transpose2x_phases(x: jax.Array, w: jax.Array) -> list[list[jax.Array]
     for px in range(2):
       sub = w[py::2, px::2][::-1, ::-1]
       th, tw = sub.shape[0], sub.shape[1]
-      row.append(conv2d(x, sub, padding=((th - 1, th - 1), (tw - 1, tw - 1))))
+      row.append(conv2d(x, sub, padding=((th - 1, th - 1), (tw - 1, tw - 1)), dtype=dtype))
     grid.append(row)
   return grid
 
 
-def conv_transpose2x(x: jax.Array, w: jax.Array) -> jax.Array:
+def conv_transpose2x(x: jax.Array, w: jax.Array, dtype=None) -> jax.Array:
   """PyTorch `conv_transpose2d(stride=2, padding=0)`; x (B,H,W,Cin), w (k,k,Cin,Cout).
 
   Output (B, 2H + k - 2, 2W + k - 2, Cout). `w[i, j]` is the tap that PyTorch
   indexes `weight[:, :, i, j]`. Written as four sub-pixel phases, each an
   ordinary stride-1 convolution of the input with a subset of the taps: no
   multiplications by inserted zeros, and every phase runs at convolution speed.
+  `dtype`: as `conv2d`'s (bfloat16: matmul form, float32 result).
   """
   k = w.shape[0]
   b, h, wd, _ = x.shape
-  grid = _conv_transpose2x_phases(x, w)
+  grid = _conv_transpose2x_phases(x, w, dtype)
   ph, pw = h + (k + 1) // 2 - 1, wd + (k + 1) // 2 - 1
   grid = [[jnp.pad(p, ((0, 0), (0, ph - p.shape[1]), (0, pw - p.shape[2]), (0, 0))) for p in row]
           for row in grid]
   return _interleave(grid)[:, :2 * h + k - 2, :2 * wd + k - 2]
 
 
-def conv_transpose2x_fir(x: jax.Array, w: jax.Array, taps: np.ndarray, pad) -> jax.Array:
+def conv_transpose2x_fir(x: jax.Array, w: jax.Array, taps: np.ndarray, pad,
+                         dtype=None) -> jax.Array:
   """`upfirdn2d(conv_transpose2x(x, w), taps, pad=pad)` computed on the sub-pixel phases.
 
   x (B,H,W,Cin), w (k,k,Cin,Cout), `taps` the separable 1-D FIR factor. The
   filter runs on each phase at input resolution and the phases are interleaved
   once at the end, so the (2H + k - 2)-sized transposed-conv output is never
-  formed. Falls back to the two-step form when an output side is odd.
+  formed. Falls back to the two-step form when an output side is odd. `dtype`:
+  as `conv2d`'s; the filter runs on the phases' dtype (float32 for bfloat16).
   """
   taps = np.asarray(taps, np.float32)
   py0, py1, px0, px1 = _pads(pad)
@@ -227,8 +328,8 @@ def conv_transpose2x_fir(x: jax.Array, w: jax.Array, taps: np.ndarray, pad) -> j
   oh = _upfirdn_out_len(2 * x.shape[1] + k - 2, len(taps), 1, 1, py0, py1)
   ow = _upfirdn_out_len(2 * x.shape[2] + k - 2, len(taps), 1, 1, px0, px1)
   if oh <= 0 or ow <= 0 or oh % 2 or ow % 2:
-    return upfirdn2d(conv_transpose2x(x, w), taps, pad=pad)
-  grid = _conv_transpose2x_phases(x, w)
+    return upfirdn2d(conv_transpose2x(x, w, dtype), taps, pad=pad)
+  grid = _conv_transpose2x_phases(x, w, dtype)
   cols = [_fir_two_phases([grid[0][px], grid[1][px]], taps, py0, oh, axis=1) for px in range(2)]
   return _interleave([_fir_two_phases([cols[0][qy], cols[1][qy]], taps, px0, ow, axis=2)
                       for qy in range(2)])

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from g2face_jax.nn import ops
+
 # kaiming_uniform(a=sqrt(5)) as PyTorch draws it: bound = 1/sqrt(fan_in).
 torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
@@ -28,12 +30,19 @@ def torch_bias_init(fan_in: int):
 
 
 def Conv(in_features: int, features: int, kernel_size: int, stride: int = 1, padding: int = 0,
-         use_bias: bool = True, name: str | None = None) -> nn.Conv:
-  """`nn.Conv2d` equivalent on NHWC; kernel (k, k, in, out), bias (out,)."""
+         use_bias: bool = True, name: str | None = None, dtype=None) -> nn.Conv:
+  """`nn.Conv2d` equivalent on NHWC; kernel (k, k, in, out), bias (out,).
+
+  `dtype` None (or 'float32'): `lax.conv` in the promoted input/parameter dtype.
+  'bfloat16': bfloat16 operands and float32 accumulation (`ops.conv2d_matmul`),
+  float32 bias and output.
+  """
   k, p = kernel_size, padding
+  extra = {} if ops.matmul_dtype(dtype) is None else dict(
+      conv_general_dilated=ops.conv_general_dilated_bf16)
   return nn.Conv(features, (k, k), strides=stride, padding=((p, p), (p, p)), use_bias=use_bias,
                  kernel_init=torch_kernel_init, bias_init=torch_bias_init(in_features * k * k),
-                 name=name)
+                 name=name, **extra)
 
 
 def Dense(in_features: int, features: int, name: str | None = None) -> nn.Dense:

@@ -8,7 +8,7 @@ weights (in, out).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -89,6 +89,11 @@ class ModulatedConv(nn.Module):
   `upsample`: transposed 3x3 stride-2 convolution then the [1,3,3,1] blur
   (x4, pad (1, 1)), doubling H and W. `downsample`: blur (pad from the kernel
   size) then a stride-2 convolution.
+
+  `dtype` None (or 'float32'): the convolution runs in x's dtype. 'bfloat16':
+  bfloat16 operands, float32 accumulation and output (`ops.conv2d_matmul`); the
+  equalized-lr gain rides on the float32 style, and the style, demodulation and
+  filters stay float32.
   """
   features: int
   kernel_size: int
@@ -96,28 +101,40 @@ class ModulatedConv(nn.Module):
   upsample: bool = False
   downsample: bool = False
   blur_taps: Sequence[float] = BLUR_TAPS
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, style: jax.Array) -> jax.Array:
     cin, k = x.shape[-1], self.kernel_size
     weight = self.param("weight", _normal(), (k, k, cin, self.features))
     s = EqualLinear(cin, bias_init=1.0, name="modulation")(style)  # (B, Cin)
-    w = weight * (1.0 / math.sqrt(cin * k * k))
-    x = x * s[:, None, None, :].astype(x.dtype)
+    gain = 1.0 / math.sqrt(cin * k * k)
+    mm = ops.matmul_dtype(self.dtype)
+    if mm is None:
+      w = weight * gain
+      x = x * s[:, None, None, :].astype(x.dtype)
+    else:
+      w = weight.astype(mm)  # cast unscaled: one rounding
+      x = x.astype(jnp.float32) * (s.astype(jnp.float32) * gain)[:, None, None, :]
     n_taps = len(self.blur_taps)
     if self.upsample:
       p = (n_taps - 2) - (k - 1)
-      out = ops.conv_transpose2x_fir(x, w.astype(x.dtype), ops.fir_taps(self.blur_taps, 4.0),
-                                     pad=((p + 1) // 2 + 1, p // 2 + 1))
+      out = ops.conv_transpose2x_fir(x, w.astype(x.dtype) if mm is None else w,
+                                     ops.fir_taps(self.blur_taps, 4.0),
+                                     pad=((p + 1) // 2 + 1, p // 2 + 1), dtype=mm)
     elif self.downsample:
       p = (n_taps - 2) + (k - 1)
       x = ops.upfirdn2d(x, ops.fir_taps(self.blur_taps), pad=((p + 1) // 2, p // 2))
-      out = ops.conv2d(x, w, stride=2)
+      out = ops.conv2d(x, w, stride=2, dtype=mm)
     else:
-      out = ops.conv2d(x, w, padding=k // 2)
+      out = ops.conv2d(x, w, padding=k // 2, dtype=mm)
     if self.demodulate:
-      s32 = s.astype(jnp.float32)
-      energy = jnp.einsum("bi,io->bo", jnp.square(s32), jnp.sum(jnp.square(w), axis=(0, 1)))
+      s_sq = jnp.square(s.astype(jnp.float32))
+      if mm is None:
+        w_energy = jnp.sum(jnp.square(w), axis=(0, 1))
+      else:
+        w_energy = jnp.sum(jnp.square(w.astype(jnp.float32)), axis=(0, 1)) * gain ** 2
+      energy = jnp.einsum("bi,io->bo", s_sq, w_energy)
       out = out * jax.lax.rsqrt(energy + DEMOD_EPS)[:, None, None, :].astype(out.dtype)
     return out
 
@@ -143,16 +160,17 @@ class ConstantInput(nn.Module):
 
 
 class StyledConv(nn.Module):
-  """Modulated conv -> + strength * noise -> fused bias + leaky ReLU."""
+  """Modulated conv -> + strength * noise -> fused bias + leaky ReLU; `dtype`: the conv's."""
   features: int
   kernel_size: int = 3
   upsample: bool = False
   blur_taps: Sequence[float] = BLUR_TAPS
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, style: jax.Array, noise: jax.Array) -> jax.Array:
     out = ModulatedConv(self.features, self.kernel_size, upsample=self.upsample,
-                        blur_taps=self.blur_taps, name="conv")(x, style)
+                        blur_taps=self.blur_taps, dtype=self.dtype, name="conv")(x, style)
     out = NoiseInjection(name="noise")(out, noise)
     return FusedBiasLeakyReLU(name="activate")(out)
 
