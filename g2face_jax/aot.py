@@ -312,7 +312,7 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str, *,
       "topology": sl.name, "tpu_topology": sl.topology, "chip": sl.chip.generation,
       "devices": sl.devices, "slices": num_slices, "mesh": {"data": data, "fsdp": fsdp},
       "global_batch": b, "batch_per_device": b // sl.devices,
-      "remat": config.train.remat,
+      "remat": config.train.remat, "compute_dtype": config.train.compute_dtype,
       "image_size": size, "config_variant": config.get("variant", ""),
       "published_hbm_bytes": sl.chip.hbm_bytes, "peak_flops_per_device": sl.chip.peak_flops,
       "groups": parameter_groups(state, rt.state_sharding, frozen, rt.frozen_sharding),
@@ -392,6 +392,8 @@ def _hint(report: dict) -> str:
                  f"{report['global_batch'] // 2})")
   if report["remat"] == "none":
     knobs.append("--remat full (recompute activations in the backward pass)")
+  if report["compute_dtype"] == "float32":
+    knobs.append("bfloat16 compute (--config ...,train.compute_dtype=bfloat16)")
   state_dev = sum(g["bytes_per_device"] for g in report["groups"].values())
   if data > 1:
     knobs.append(f"a wider fsdp axis (--mesh data={data // 2},fsdp={fsdp * 2}) to split the "
@@ -413,7 +415,8 @@ def format_report(r: dict) -> str:
           f"({r['tpu_topology']}, {r['devices']} devices"
           + (f", {r['slices']} slices" if r["slices"] > 1 else "") + f"), mesh data="
           f"{r['mesh']['data']} x fsdp={r['mesh']['fsdp']}, global batch {r['global_batch']} "
-          f"({r['batch_per_device']} per chip), remat {r['remat']}")
+          f"({r['batch_per_device']} per chip), remat {r['remat']}, {r['compute_dtype']} "
+          "compute")
   lines = [head, f"lowered in {r['lower_seconds']:.1f} s, compiled in {r['compile_seconds']:.1f} s"]
   if not r["fits"]:
     lines.append(f"DOES NOT FIT: needs {_gib(r['required_bytes'])} per chip, "

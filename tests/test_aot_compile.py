@@ -76,13 +76,16 @@ def test_topology_devices_of_v4_and_multislice():
 def test_refused_step_reports_the_excess_and_the_knobs():
   # figures of the paper config refused on v5e-256 (global batch 256, data=16 x fsdp=16)
   report = {"mesh": {"data": 16, "fsdp": 16}, "batch_per_device": 1, "remat": "none",
-            "global_batch": 256,
+            "compute_dtype": "float32", "global_batch": 256,
             "groups": {"decoder": {"bytes": GIB, "bytes_per_device": GIB // 10, "leaves": 3,
                                    "sharded_leaves": 2}}}
   out = aot.refused(report, required=22387517030, available=16911433728)
   assert out["fits"] is False and out["exceeded_by_bytes"] == 22387517030 - 16911433728
   assert out["hint"].startswith("exceeds the chip's HBM by 5.10 GiB; try --remat full")
   assert "--mesh data=8,fsdp=32" in out["hint"] and "--global-batch" not in out["hint"]
+  assert "train.compute_dtype=bfloat16" in out["hint"]  # with which this step fits (README)
+  bf16 = aot.refused(dict(report, compute_dtype="bfloat16"), required=2 * GIB, available=GIB)
+  assert "compute_dtype" not in bf16["hint"]
   text = aot.format_report(dict(out, topology="v5e-256", tpu_topology="v5e:16x16", devices=256,
                                 slices=1, image_size=256, config_variant="paper",
                                 lower_seconds=1.0, compile_seconds=2.0, state_bytes=0))

@@ -122,6 +122,7 @@ def test_out_of_hbm_message_is_read_and_gives_a_knob():
   assert aot._hbm_oom(RuntimeError("INTERNAL: something else")) is None
   report = {"exceeded_by_bytes": required - available, "mesh": {"data": 8, "fsdp": 1},
             "batch_per_device": 8192, "global_batch": 65536, "remat": "none",
+            "compute_dtype": "float32",
             "groups": {"decoder": {"bytes_per_device": 2 ** 30}}}
   hint = aot._hint(report)
   assert "by 353.09 GiB" in hint and "--global-batch 32768" in hint
