@@ -15,9 +15,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from g2face_jax import pipeline
 from g2face_jax.train import step as step_lib
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def _cast(tree: Any, dtype) -> Any:
@@ -46,9 +45,9 @@ class ComputeIn:
 
 def compute_in(nets: step_lib.Networks, dtype: str) -> step_lib.Networks:
   """Every network of `nets` computing in `dtype` ('float32' returns `nets` itself)."""
-  if dtype not in DTYPES:
-    raise ValueError(f"unknown compute dtype '{dtype}' ({', '.join(DTYPES)})")
+  if dtype not in pipeline.DTYPES:
+    raise ValueError(f"unknown compute dtype '{dtype}' ({', '.join(pipeline.DTYPES)})")
   if dtype == "float32":
     return nets
-  return step_lib.Networks(**{f.name: ComputeIn(getattr(nets, f.name), DTYPES[dtype])
+  return step_lib.Networks(**{f.name: ComputeIn(getattr(nets, f.name), jnp.dtype(dtype))
                               for f in dataclasses.fields(nets)})
