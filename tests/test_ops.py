@@ -165,3 +165,32 @@ def test_equal_linear_bias_twice_quirk():
   lrelu = lambda v: np.where(v > 0, v, 0.2 * v) * np.sqrt(2)
   np.testing.assert_allclose(once.apply(params, x), lrelu(lin + 0.01 * b), rtol=1e-5)
   np.testing.assert_allclose(twice.apply(params, x), lrelu(lin + 0.02 * b), rtol=1e-5)
+
+
+def conv_numpy(x, w, stride, pad):
+  """Cross-correlation loop in float64; x (B,H,W,Cin), w (kh,kw,Cin,Cout), symmetric pad."""
+  x = np.pad(x.astype(np.float64), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  kh, kw = w.shape[:2]
+  oh, ow = (x.shape[1] - kh) // stride + 1, (x.shape[2] - kw) // stride + 1
+  out = 0.0
+  for i, j in itertools.product(range(kh), range(kw)):
+    patch = x[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride]
+    out = out + np.einsum("bhwi,io->bhwo", patch, w[i, j])
+  return out
+
+
+@pytest.mark.parametrize("k,stride,pad", [(1, 1, 0), (1, 2, 0), (1, 1, 1), (3, 1, 1), (3, 2, 1)])
+def test_conv2d_and_flax_route_match_numpy(k, stride, pad):
+  """Unpadded 1x1 kernels take the matmul form (`conv1x1`); the rest stay `lax.conv`.
+  Both entry points (`ops.conv2d`, `plain.Conv` through `ops.conv_general_dilated`)
+  agree with a float64 loop, odd sizes included."""
+  from g2face_jax.nn import plain
+  x = RNG.standard_normal((2, 7, 9, 5)).astype(np.float32)
+  w = RNG.standard_normal((k, k, 5, 4)).astype(np.float32)
+  ref = conv_numpy(x, w, stride, pad)
+  np.testing.assert_allclose(ops.conv2d(x, w, stride, pad), ref, rtol=0, atol=1e-5)
+  conv = plain.Conv(5, 4, k, stride=stride, padding=pad, use_bias=False)
+  got = conv.apply({"params": {"kernel": jnp.asarray(w)}}, x)
+  np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+  lowered = jax.jit(lambda v: conv.apply(v, x)).lower({"params": {"kernel": jnp.asarray(w)}})
+  assert ("convolution" in lowered.as_text()) == (k > 1 or pad > 0)

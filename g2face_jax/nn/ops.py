@@ -240,18 +240,66 @@ def conv2d_matmul(x: jax.Array, w: jax.Array, stride: int = 1, padding=0,
   return out
 
 
+def conv1x1(x: jax.Array, w: jax.Array, stride: int = 1, precision=None) -> jax.Array:
+  """Unpadded 1x1 convolution as a channel contraction; x (B,H,W,Cin), w (1,1,Cin,Cout).
+
+  Output (B, ceil(H/stride), ceil(W/stride), Cout). XLA's CPU convolution runs
+  1x1 kernels at a fraction of its matmul speed (2-8x slower at the decoder's
+  and extractor's sizes), so they are written as the matmul they are.
+  """
+  if stride > 1:
+    x = x[:, ::stride, ::stride]
+  return jax.lax.dot_general(x, w[0, 0].astype(x.dtype), (((3,), (0,)), ((), ())),
+                             precision=precision)
+
+
+def _is_1x1_unpadded(w_shape, padding) -> bool:
+  return tuple(w_shape[:2]) == (1, 1) and all(p == 0 for pair in padding for p in pair)
+
+
 def conv2d(x: jax.Array, w: jax.Array, stride: int = 1, padding=0, dtype=None) -> jax.Array:
   """Plain convolution (cross-correlation, as PyTorch); x (B,H,W,Cin), w (kh,kw,Cin,Cout).
 
-  `dtype` None: `lax.conv` in x's dtype; bfloat16: `conv2d_matmul`, float32 result.
+  `dtype` None: `lax.conv` in x's dtype (`conv1x1` for unpadded 1x1 kernels);
+  bfloat16: `conv2d_matmul`, float32 result.
   """
   if isinstance(padding, int):
     padding = ((padding, padding), (padding, padding))
   if dtype is not None:
     return conv2d_matmul(x, w, stride, padding, dtype)
+  if _is_1x1_unpadded(w.shape, padding):
+    return conv1x1(x, w, stride)
   return jax.lax.conv_general_dilated(
       x, w.astype(x.dtype), window_strides=(stride, stride), padding=padding,
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _nhwc_plain(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                dimension_numbers, feature_group_count) -> bool:
+  """Whether a `lax.conv_general_dilated` call is an NHWC/HWIO convolution with
+  explicit padding, one stride and no dilation or groups."""
+  strides = tuple(window_strides)
+  nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+  return (dimension_numbers is not None
+          and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc
+          and feature_group_count == 1
+          and all(d == 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
+          and not isinstance(padding, str) and len(set(strides)) == 1)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         precision=None) -> jax.Array:
+  """`lax.conv_general_dilated` (for `flax.linen.Conv`) with unpadded NHWC 1x1 kernels
+  computed by `conv1x1`; every other convolution goes to `lax` unchanged."""
+  if (_nhwc_plain(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                  dimension_numbers, feature_group_count)
+      and _is_1x1_unpadded(rhs.shape, padding)):
+    return conv1x1(lhs, rhs, window_strides[0], precision)
+  return jax.lax.conv_general_dilated(
+      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+      precision=precision)
 
 
 def conv_general_dilated_bf16(lhs, rhs, window_strides, padding, lhs_dilation=None,
@@ -261,16 +309,12 @@ def conv_general_dilated_bf16(lhs, rhs, window_strides, padding, lhs_dilation=No
   `conv2d_matmul` in bfloat16 with a float32 result: NHWC/HWIO, square stride 1 or 2,
   explicit padding, no dilation or groups."""
   del precision
-  strides = tuple(window_strides)
-  nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
-  if (dimension_numbers is None
-      or jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != nhwc
-      or feature_group_count != 1
-      or any(d != 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
-      or isinstance(padding, str) or len(set(strides)) != 1):
+  if not _nhwc_plain(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                     dimension_numbers, feature_group_count):
     raise ValueError("conv_general_dilated_bf16 takes NHWC/HWIO convolutions with explicit "
                      "padding, one stride and no dilation or groups")
-  return conv2d_matmul(lhs, rhs, strides[0], tuple(tuple(p) for p in padding), jnp.bfloat16)
+  return conv2d_matmul(lhs, rhs, window_strides[0], tuple(tuple(p) for p in padding),
+                       jnp.bfloat16)
 
 
 def _conv_transpose2x_phases(x: jax.Array, w: jax.Array, dtype=None) -> list[list[jax.Array]]:

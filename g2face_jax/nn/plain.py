@@ -33,16 +33,17 @@ def Conv(in_features: int, features: int, kernel_size: int, stride: int = 1, pad
          use_bias: bool = True, name: str | None = None, dtype=None) -> nn.Conv:
   """`nn.Conv2d` equivalent on NHWC; kernel (k, k, in, out), bias (out,).
 
-  `dtype` None (or 'float32'): `lax.conv` in the promoted input/parameter dtype.
+  `dtype` None (or 'float32'): `lax.conv` in the promoted input/parameter dtype,
+  unpadded 1x1 kernels as a matmul (`ops.conv_general_dilated`).
   'bfloat16': bfloat16 operands and float32 accumulation (`ops.conv2d_matmul`),
   float32 bias and output.
   """
   k, p = kernel_size, padding
-  extra = {} if ops.matmul_dtype(dtype) is None else dict(
-      conv_general_dilated=ops.conv_general_dilated_bf16)
+  fast_conv = (ops.conv_general_dilated if ops.matmul_dtype(dtype) is None
+               else ops.conv_general_dilated_bf16)
   return nn.Conv(features, (k, k), strides=stride, padding=((p, p), (p, p)), use_bias=use_bias,
                  kernel_init=torch_kernel_init, bias_init=torch_bias_init(in_features * k * k),
-                 name=name, **extra)
+                 name=name, conv_general_dilated=fast_conv)
 
 
 def Dense(in_features: int, features: int, name: str | None = None) -> nn.Dense:
