@@ -194,3 +194,10 @@ def test_conv2d_and_flax_route_match_numpy(k, stride, pad):
   np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
   lowered = jax.jit(lambda v: conv.apply(v, x)).lower({"params": {"kernel": jnp.asarray(w)}})
   assert ("convolution" in lowered.as_text()) == (k > 1 or pad > 0)
+
+
+@pytest.mark.parametrize("k", [1, 3, 4])
+def test_kernel_energy_is_the_sum_over_taps(k):
+  w = RNG.standard_normal((k, k, 6, 5)).astype(np.float32)
+  np.testing.assert_allclose(ops.kernel_energy(w), np.square(w.astype(np.float64)).sum(axis=(0, 1)),
+                             rtol=1e-6)

@@ -131,9 +131,9 @@ class ModulatedConv(nn.Module):
     if self.demodulate:
       s_sq = jnp.square(s.astype(jnp.float32))
       if mm is None:
-        w_energy = jnp.sum(jnp.square(w), axis=(0, 1))
+        w_energy = ops.kernel_energy(w)
       else:
-        w_energy = jnp.sum(jnp.square(w.astype(jnp.float32)), axis=(0, 1)) * gain ** 2
+        w_energy = ops.kernel_energy(w.astype(jnp.float32)) * gain ** 2
       energy = jnp.einsum("bi,io->bo", s_sq, w_energy)
       out = out * jax.lax.rsqrt(energy + DEMOD_EPS)[:, None, None, :].astype(out.dtype)
     return out
