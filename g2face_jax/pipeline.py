@@ -23,6 +23,14 @@ and the extractor's heavy convolutions on bfloat16 operands with float32
 accumulation (see `decoder.Decoder`), a faster approximation where the CPU has
 bfloat16 matmul units. Variables, inputs and outputs stay float32 either way;
 `analyze` (ArcFace, 3DMM) and the small mapping networks always run in float32.
+
+`micro_batch` (every stage): samples per step of a loop over the batch inside
+the jitted program (`jax.lax.map`). Every network runs per sample at test time
+(evaluation-mode BatchNorm, per-sample InstanceNorm), so the results do not
+depend on it (beyond float32 rounding). None means `default_micro_batch()`: 1
+on CPU, where XLA's convolutions run slower per image on larger batches (their
+activations outgrow the caches), and the whole batch on accelerators; a value
+at least the batch size runs it in one step.
 """
 from __future__ import annotations
 
@@ -69,23 +77,54 @@ def in_dtype(nets: Networks, dtype: str) -> Networks:
                              extractor=nets.extractor.clone(dtype=dtype))
 
 
+def default_micro_batch() -> int | None:
+  """1 on CPU, None (the whole batch in one step) on accelerators."""
+  return 1 if jax.default_backend() == "cpu" else None
+
+
+def _chosen(micro_batch: int | None) -> int | None:
+  return default_micro_batch() if micro_batch is None else micro_batch
+
+
+def _per_sample(fn, micro_batch: int | None, *args):
+  """fn(*args) with every arg batched on axis 0, run `micro_batch` samples at a time.
+
+  None or a batch no larger: one call. Otherwise the batch must be a multiple of
+  `micro_batch`; the chunks run in a `lax.map` loop and the outputs are joined.
+  """
+  if micro_batch is not None and micro_batch < 1:
+    raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+  b = jax.tree.leaves(args)[0].shape[0]
+  if micro_batch is None or micro_batch >= b:
+    return fn(*args)
+  if b % micro_batch:
+    raise ValueError(f"batch {b} is not a multiple of micro_batch {micro_batch}")
+  n = b // micro_batch
+  chunks = jax.tree.map(lambda a: a.reshape((n, micro_batch) + a.shape[1:]), args)
+  out = jax.lax.map(lambda c: fn(*c), chunks)
+  return jax.tree.map(lambda a: a.reshape((b,) + a.shape[2:]), out)
+
+
 def _styles(nets: Networks, variables: Variables, identity: jax.Array,
             coeff: jax.Array) -> jax.Array:
   return nets.style_mapper.apply(variables["style_mapper"], identity,
                                  face3d.geometry_input(coeff))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def analyze(nets: Networks, variables: Variables, x: jax.Array) -> dict[str, jax.Array]:
+@functools.partial(jax.jit, static_argnums=0, static_argnames="micro_batch")
+def analyze(nets: Networks, variables: Variables, x: jax.Array,
+            micro_batch: int | None = None) -> dict[str, jax.Array]:
   """x (B,S,S,3) in [-1,1] -> arc_id (B,512) ArcFace identity, coeff (B,257) 3DMM coefficients."""
-  return dict(arc_id=nets.arcface.apply(variables["arcface"], x),
-              coeff=nets.recon_net.apply(variables["recon_net"], (x + 1) / 2))
+  def body(x):
+    return dict(arc_id=nets.arcface.apply(variables["arcface"], x),
+                coeff=nets.recon_net.apply(variables["recon_net"], (x + 1) / 2))
+  return _per_sample(body, _chosen(micro_batch), x)
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames="dtype")
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("dtype", "micro_batch"))
 def anonymize(nets: Networks, variables: Variables, x: jax.Array, coeff: jax.Array, z: jax.Array,
-              hide_bits: jax.Array, noise: Sequence[jax.Array],
-              dtype: str = "float32") -> dict[str, jax.Array]:
+              hide_bits: jax.Array, noise: Sequence[jax.Array], dtype: str = "float32",
+              micro_batch: int | None = None) -> dict[str, jax.Array]:
   """Decode x towards the virtual identity Map2ID(z) with the bits hidden in it.
 
   x (B,S,S,3) in [-1,1]; coeff (B,257) from `analyze`; z (B,512) dummy-identity
@@ -93,53 +132,67 @@ def anonymize(nets: Networks, variables: Variables, x: jax.Array, coeff: jax.Arr
   Returns rand_id (B,512), style (B,n_styles,style_dim) and anon (B,S,S,3), unclipped.
   """
   nets = in_dtype(nets, dtype)
-  rand_id = nets.map_2_id.apply(variables["map_2_id"], z, train=False)
-  style = _styles(nets, variables, rand_id, coeff)
-  anon = nets.decoder.apply(variables["decoder"], x, style, hide_bits, noise)
-  return dict(rand_id=rand_id, style=style, anon=anon)
+
+  def body(x, coeff, z, hide_bits, noise):
+    rand_id = nets.map_2_id.apply(variables["map_2_id"], z, train=False)
+    style = _styles(nets, variables, rand_id, coeff)
+    anon = nets.decoder.apply(variables["decoder"], x, style, hide_bits, noise)
+    return dict(rand_id=rand_id, style=style, anon=anon)
+  return _per_sample(body, _chosen(micro_batch), x, coeff, z, hide_bits, list(noise))
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames="dtype")
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("dtype", "micro_batch"))
 def extract_identity(nets: Networks, variables: Variables, anon: jax.Array,
-                     dtype: str = "float32") -> dict[str, jax.Array]:
+                     dtype: str = "float32", micro_batch: int | None = None) -> dict[str, jax.Array]:
   """anon (B,S,S,3) -> logits (B,512,32), bits in {0,1} and the officially decoded identity (B,512)."""
   nets = in_dtype(nets, dtype)
-  logits = nets.extractor.apply(variables["extractor"], anon, train=False)
+  logits = _per_sample(lambda a: nets.extractor.apply(variables["extractor"], a, train=False),
+                       _chosen(micro_batch), anon)
   bits = payload.bits_from_logits(logits)
   return dict(logits=logits, bits=bits, extracted_id=payload.decode_identity(bits))
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames="dtype")
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("dtype", "micro_batch"))
 def restore(nets: Networks, variables: Variables, anon: jax.Array, identity: jax.Array,
-            hide_bits: jax.Array, noise: Sequence[jax.Array],
-            dtype: str = "float32") -> dict[str, jax.Array]:
+            hide_bits: jax.Array, noise: Sequence[jax.Array], dtype: str = "float32",
+            micro_batch: int | None = None) -> dict[str, jax.Array]:
   """Decoder pass back to `identity` (B,512): coeff_anon (B,257) and recovered (B,S,S,3)."""
   nets = in_dtype(nets, dtype)
-  coeff_anon = nets.recon_net.apply(variables["recon_net"], (anon + 1) / 2)
-  style = _styles(nets, variables, identity, coeff_anon)
-  recovered = nets.decoder.apply(variables["decoder"], anon, style, hide_bits, noise)
-  return dict(coeff_anon=coeff_anon, recovered=recovered)
+
+  def body(anon, identity, hide_bits, noise):
+    coeff_anon = nets.recon_net.apply(variables["recon_net"], (anon + 1) / 2)
+    style = _styles(nets, variables, identity, coeff_anon)
+    recovered = nets.decoder.apply(variables["decoder"], anon, style, hide_bits, noise)
+    return dict(coeff_anon=coeff_anon, recovered=recovered)
+  return _per_sample(body, _chosen(micro_batch), anon, identity, hide_bits, list(noise))
 
 
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("dtype", "micro_batch"))
 def official_anonymize(nets: Networks, variables: Variables, x: jax.Array, z: jax.Array,
-                       noise: Sequence[jax.Array], dtype: str = "float32") -> dict[str, jax.Array]:
-  """The official test's anonymization: hides the float32 bits of ArcFace(x).
+                       noise: Sequence[jax.Array], dtype: str = "float32",
+                       micro_batch: int | None = None) -> dict[str, jax.Array]:
+  """The official test's anonymization, one jitted program: hides the float32 bits of ArcFace(x).
 
   Returns arc_id, coeff, hide_bits and what `anonymize` returns.
   """
-  out = analyze(nets, variables, x)
+  out = analyze(nets, variables, x, micro_batch=micro_batch)
   out["hide_bits"] = payload.float_to_bits(out["arc_id"])
-  out.update(anonymize(nets, variables, x, out["coeff"], z, out["hide_bits"], noise, dtype=dtype))
+  out.update(anonymize(nets, variables, x, out["coeff"], z, out["hide_bits"], noise, dtype=dtype,
+                       micro_batch=micro_batch))
   return out
 
 
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("dtype", "micro_batch"))
 def official_recover(nets: Networks, variables: Variables, anon: jax.Array, hide_bits: jax.Array,
-                     noise: Sequence[jax.Array], dtype: str = "float32") -> dict[str, jax.Array]:
-  """The official test's recovery: extract the hidden identity from anon and decode back.
+                     noise: Sequence[jax.Array], dtype: str = "float32",
+                     micro_batch: int | None = None) -> dict[str, jax.Array]:
+  """The official test's recovery, one jitted program: extract the hidden identity from
+  anon and decode back.
 
   hide_bits (B,512,32) is what the recovery pass hides again (the official test
   passes the original's bits). Returns what `extract_identity` and `restore` return.
   """
-  out = extract_identity(nets, variables, anon, dtype=dtype)
-  out.update(restore(nets, variables, anon, out["extracted_id"], hide_bits, noise, dtype=dtype))
+  out = extract_identity(nets, variables, anon, dtype=dtype, micro_batch=micro_batch)
+  out.update(restore(nets, variables, anon, out["extracted_id"], hide_bits, noise, dtype=dtype,
+                     micro_batch=micro_batch))
   return out
