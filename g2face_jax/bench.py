@@ -77,12 +77,20 @@ def _flops(fn: Callable, *args) -> float:
 
 
 def run(config: str = "paper", batch: int = 1, rounds: int = 3, seed: int = 0,
-        dtype: str = "float32") -> dict:
-  """Bench one configuration; returns a flat dict (seconds, GFLOP, MB; see the module doc)."""
+        dtype: str = "float32", micro_batch: int | None = None) -> dict:
+  """Bench one configuration; returns a flat dict (seconds, GFLOP, MB; see the module doc).
+
+  `micro_batch`: faces per step of the pipeline's loop over the batch (None: the
+  pipeline default, 1 on CPU); the record holds the value used.
+  """
   if batch < 1 or rounds < 1:
     raise ValueError(f"batch and rounds must be >= 1, got batch={batch}, rounds={rounds}")
   if dtype not in pipeline.DTYPES:
     raise ValueError(f"--dtype '{dtype}': choose from {', '.join(pipeline.DTYPES)}")
+  micro = pipeline.default_micro_batch() if micro_batch is None else micro_batch
+  micro = batch if micro is None else min(micro, batch)
+  if micro < 1 or batch % micro:
+    raise ValueError(f"--micro-batch {micro_batch}: must be >= 1 and divide batch {batch}")
   anonymize = functools.partial(pipeline.official_anonymize, dtype=dtype)
   recover = functools.partial(pipeline.official_recover, dtype=dtype)
   model = config_lib.load(config).model
@@ -95,17 +103,19 @@ def run(config: str = "paper", batch: int = 1, rounds: int = 3, seed: int = 0,
            zip(jax.random.split(keys[3], len(decoder.noise_shapes(model.size, batch))),
                decoder.noise_shapes(model.size, batch))]
 
-  anon_out, anon_first, anon_best = _timed(lambda: anonymize(nets, variables, x, z, noise), rounds)
+  anon_out, anon_first, anon_best = _timed(
+      lambda: anonymize(nets, variables, x, z, noise, micro_batch=micro), rounds)
   anon, hide_bits = anon_out["anon"], anon_out["hide_bits"]
-  _, rec_first, rec_best = _timed(lambda: recover(nets, variables, anon, hide_bits, noise), rounds)
+  _, rec_first, rec_best = _timed(
+      lambda: recover(nets, variables, anon, hide_bits, noise, micro_batch=micro), rounds)
   # Counted on the one-step program: XLA counts a loop's body once, and the
   # per-sample loop (pipeline micro_batch) does the same arithmetic.
   anon_flops = _flops(functools.partial(anonymize, micro_batch=batch), nets, variables, x, z, noise)
   rec_flops = _flops(functools.partial(recover, micro_batch=batch), nets, variables, anon,
                      hide_bits, noise)
   return dict(
-      config=config, size=int(model.size), batch=batch, rounds=rounds, dtype=dtype,
-      device=device_name(),
+      config=config, size=int(model.size), batch=batch, micro_batch=micro, rounds=rounds,
+      dtype=dtype, device=device_name(),
       anonymize_s_per_img=anon_best / batch, recover_s_per_img=rec_best / batch,
       anonymize_img_per_s=batch / anon_best, recover_img_per_s=batch / rec_best,
       anonymize_compile_s=max(anon_first - anon_best, 0.0),
@@ -185,8 +195,8 @@ def format_train_result(r: dict) -> str:
 
 def format_result(r: dict) -> str:
   """A few human-readable lines for one `run` result."""
-  lines = [f"{r['config']} ({r['size']}x{r['size']}), batch {r['batch']}, {r['dtype']}, "
-           f"best of {r['rounds']}, {r['device']}"]
+  lines = [f"{r['config']} ({r['size']}x{r['size']}), batch {r['batch']} "
+           f"({r['micro_batch']} per step), {r['dtype']}, best of {r['rounds']}, {r['device']}"]
   for path in ("anonymize", "recover"):
     lines.append(
         f"  {path:9s} {r[f'{path}_s_per_img'] * 1e3:9.1f} ms/img  {r[f'{path}_img_per_s']:7.2f} img/s"

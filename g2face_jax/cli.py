@@ -175,6 +175,8 @@ def _bench(args) -> int:
   if args.train and args.dtype != "float32":
     raise ValueError("--dtype times anonymize and recover; for --train set "
                      "train.compute_dtype in the config")
+  if args.train and args.micro_batch is not None:
+    raise ValueError("--micro-batch times anonymize and recover, not --train")
   if args.train:
     if args.devices:
       results = bench.scaling(args.config, bench.parse_batches(args.devices, "--devices"),
@@ -185,7 +187,8 @@ def _bench(args) -> int:
       print(json.dumps(result) if args.json else bench.format_train_result(result), flush=True)
     return 0
   for batch in bench.parse_batches(args.batch):
-    result = bench.run(args.config, batch, args.rounds, dtype=args.dtype)
+    result = bench.run(args.config, batch, args.rounds, dtype=args.dtype,
+                       micro_batch=args.micro_batch)
     print(json.dumps(result) if args.json else bench.format_result(result), flush=True)
   return 0
 
@@ -376,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--dtype", default="float32", help="compute dtype of anonymize and recover: "
                  "float32 (official, default) or bfloat16 (decoder and extractor convolutions "
                  "as bfloat16 matmuls with float32 accumulation)")
+  p.add_argument("--micro-batch", type=int, help="faces per step of the loop over each batch "
+                 "(default: 1 on CPU, the whole batch on accelerators)")
   p.add_argument("--train", action="store_true", help="time one training iteration instead "
                  "(the config's global batch and mesh; e.g. --config smoke)")
   p.add_argument("--devices", help="with --train on CPU: simulated device counts to compare, "

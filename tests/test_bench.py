@@ -8,7 +8,7 @@ from g2face_jax import bench, cli
 KEYS = {"anonymize_s_per_img", "recover_s_per_img", "batch", "device", "anonymize_img_per_s",
         "recover_img_per_s", "anonymize_compile_s", "recover_compile_s",
         "anonymize_gflop_per_img", "recover_gflop_per_img", "anonymize_gflop_per_s",
-        "recover_gflop_per_s", "peak_rss_mb", "dtype"}
+        "recover_gflop_per_s", "peak_rss_mb", "dtype", "micro_batch"}
 
 
 def test_bench_json_on_tiny_config(capsys):
@@ -18,7 +18,7 @@ def test_bench_json_on_tiny_config(capsys):
   record = json.loads(lines[0])
   assert KEYS <= set(record)
   assert record["batch"] == 1 and record["config"] == "tiny" and record["size"] == 32
-  assert record["dtype"] == "float32"
+  assert record["dtype"] == "float32" and record["micro_batch"] == 1
   assert record["device"].startswith("cpu")
   for path in ("anonymize", "recover"):
     assert record[f"{path}_s_per_img"] > 0
@@ -27,6 +27,16 @@ def test_bench_json_on_tiny_config(capsys):
     assert record[f"{path}_gflop_per_s"] == pytest.approx(
         record[f"{path}_gflop_per_img"] / record[f"{path}_s_per_img"])
   assert record["peak_rss_mb"] > 0
+
+
+def test_micro_batch_is_recorded_and_checked(capsys):
+  assert cli.main(["bench", "--config", "tiny", "--batch", "2", "--rounds", "1",
+                   "--micro-batch", "2", "--json"]) == 0
+  record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert record["batch"] == 2 and record["micro_batch"] == 2
+  assert cli.main(["bench", "--config", "tiny", "--batch", "4", "--micro-batch", "3"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "--micro-batch 3" in err and "divide batch 4" in err and "\n" not in err
 
 
 def test_parse_batches():
