@@ -87,10 +87,10 @@ def run(config: str = "paper", batch: int = 1, rounds: int = 3, seed: int = 0,
     raise ValueError(f"batch and rounds must be >= 1, got batch={batch}, rounds={rounds}")
   if dtype not in pipeline.DTYPES:
     raise ValueError(f"--dtype '{dtype}': choose from {', '.join(pipeline.DTYPES)}")
-  micro = pipeline.default_micro_batch() if micro_batch is None else micro_batch
-  micro = batch if micro is None else min(micro, batch)
-  if micro < 1 or batch % micro:
-    raise ValueError(f"--micro-batch {micro_batch}: must be >= 1 and divide batch {batch}")
+  try:
+    micro = pipeline.faces_per_step(micro_batch, batch)
+  except ValueError as e:
+    raise ValueError(f"--micro-batch {micro_batch}: {e}") from None
   anonymize = functools.partial(pipeline.official_anonymize, dtype=dtype)
   recover = functools.partial(pipeline.official_recover, dtype=dtype)
   model = config_lib.load(config).model

@@ -82,25 +82,32 @@ def default_micro_batch() -> int | None:
   return 1 if jax.default_backend() == "cpu" else None
 
 
-def _chosen(micro_batch: int | None) -> int | None:
-  return default_micro_batch() if micro_batch is None else micro_batch
+def faces_per_step(micro_batch: int | None, batch: int) -> int:
+  """Faces per step of the loop over a batch of `batch`: `micro_batch` capped at
+  the batch, or `default_micro_batch()` when None (the whole batch where that is None).
+
+  A ValueError if it is below 1 or does not divide the batch.
+  """
+  m = default_micro_batch() if micro_batch is None else micro_batch
+  if m is None:
+    return batch
+  if m < 1:
+    raise ValueError(f"micro_batch must be >= 1, got {m}")
+  m = min(m, batch)
+  if m and batch % m:
+    raise ValueError(f"batch {batch} is not a multiple of micro_batch {m}")
+  return m
 
 
 def _per_sample(fn, micro_batch: int | None, *args):
-  """fn(*args) with every arg batched on axis 0, run `micro_batch` samples at a time.
-
-  None or a batch no larger: one call. Otherwise the batch must be a multiple of
-  `micro_batch`; the chunks run in a `lax.map` loop and the outputs are joined.
-  """
-  if micro_batch is not None and micro_batch < 1:
-    raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+  """fn(*args) with every arg batched on axis 0, run `faces_per_step` samples at a
+  time: one call when that is the whole batch, else a `lax.map` loop over the
+  chunks with the outputs joined."""
   b = jax.tree.leaves(args)[0].shape[0]
-  if micro_batch is None or micro_batch >= b:
+  m = faces_per_step(micro_batch, b)
+  if m >= b:
     return fn(*args)
-  if b % micro_batch:
-    raise ValueError(f"batch {b} is not a multiple of micro_batch {micro_batch}")
-  n = b // micro_batch
-  chunks = jax.tree.map(lambda a: a.reshape((n, micro_batch) + a.shape[1:]), args)
+  chunks = jax.tree.map(lambda a: a.reshape((b // m, m) + a.shape[1:]), args)
   out = jax.lax.map(lambda c: fn(*c), chunks)
   return jax.tree.map(lambda a: a.reshape((b,) + a.shape[2:]), out)
 
@@ -118,7 +125,7 @@ def analyze(nets: Networks, variables: Variables, x: jax.Array,
   def body(x):
     return dict(arc_id=nets.arcface.apply(variables["arcface"], x),
                 coeff=nets.recon_net.apply(variables["recon_net"], (x + 1) / 2))
-  return _per_sample(body, _chosen(micro_batch), x)
+  return _per_sample(body, micro_batch, x)
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("dtype", "micro_batch"))
@@ -138,7 +145,7 @@ def anonymize(nets: Networks, variables: Variables, x: jax.Array, coeff: jax.Arr
     style = _styles(nets, variables, rand_id, coeff)
     anon = nets.decoder.apply(variables["decoder"], x, style, hide_bits, noise)
     return dict(rand_id=rand_id, style=style, anon=anon)
-  return _per_sample(body, _chosen(micro_batch), x, coeff, z, hide_bits, list(noise))
+  return _per_sample(body, micro_batch, x, coeff, z, hide_bits, list(noise))
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("dtype", "micro_batch"))
@@ -147,7 +154,7 @@ def extract_identity(nets: Networks, variables: Variables, anon: jax.Array,
   """anon (B,S,S,3) -> logits (B,512,32), bits in {0,1} and the officially decoded identity (B,512)."""
   nets = in_dtype(nets, dtype)
   logits = _per_sample(lambda a: nets.extractor.apply(variables["extractor"], a, train=False),
-                       _chosen(micro_batch), anon)
+                       micro_batch, anon)
   bits = payload.bits_from_logits(logits)
   return dict(logits=logits, bits=bits, extracted_id=payload.decode_identity(bits))
 
@@ -164,7 +171,7 @@ def restore(nets: Networks, variables: Variables, anon: jax.Array, identity: jax
     style = _styles(nets, variables, identity, coeff_anon)
     recovered = nets.decoder.apply(variables["decoder"], anon, style, hide_bits, noise)
     return dict(coeff_anon=coeff_anon, recovered=recovered)
-  return _per_sample(body, _chosen(micro_batch), anon, identity, hide_bits, list(noise))
+  return _per_sample(body, micro_batch, anon, identity, hide_bits, list(noise))
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("dtype", "micro_batch"))

@@ -36,7 +36,8 @@ def test_micro_batch_is_recorded_and_checked(capsys):
   assert record["batch"] == 2 and record["micro_batch"] == 2
   assert cli.main(["bench", "--config", "tiny", "--batch", "4", "--micro-batch", "3"]) == 2
   err = capsys.readouterr().err.strip()
-  assert "--micro-batch 3" in err and "divide batch 4" in err and "\n" not in err
+  assert "--micro-batch 3" in err and "batch 4 is not a multiple of micro_batch 3" in err
+  assert "\n" not in err
 
 
 def test_parse_batches():
