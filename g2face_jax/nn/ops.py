@@ -267,11 +267,8 @@ def conv2d(x: jax.Array, w: jax.Array, stride: int = 1, padding=0, dtype=None) -
     padding = ((padding, padding), (padding, padding))
   if dtype is not None:
     return conv2d_matmul(x, w, stride, padding, dtype)
-  if _is_1x1_unpadded(w.shape, padding):
-    return conv1x1(x, w, stride)
-  return jax.lax.conv_general_dilated(
-      x, w.astype(x.dtype), window_strides=(stride, stride), padding=padding,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return conv_general_dilated(x, w.astype(x.dtype), (stride, stride), padding,
+                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def _nhwc_plain(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
