@@ -196,6 +196,29 @@ def test_conv2d_and_flax_route_match_numpy(k, stride, pad):
   assert ("convolution" in lowered.as_text()) == (k > 1 or pad > 0)
 
 
+@pytest.mark.parametrize("cin,pad", [(128, 1), (128, 0), (5, 1)])
+def test_stride2_even_kernels_match_numpy(cin, pad):
+  """4x4 stride-2 kernels (the pyramid encoder's) on at least 128 input channels take
+  the folded-tap matmuls (`conv2d_stride2_taps`), narrower ones `lax.conv`; both
+  entry points agree with a float64 loop on odd sizes."""
+  from g2face_jax.nn import plain
+  x = RNG.standard_normal((2, 7, 10, cin)).astype(np.float32)
+  w = RNG.standard_normal((4, 4, cin, 6)).astype(np.float32)
+  ref = conv_numpy(x, w, 2, pad)
+  atol = 1e-5 * np.abs(ref).max()
+  np.testing.assert_allclose(ops.conv2d(x, w, 2, pad), ref, rtol=0, atol=atol)
+  conv = plain.Conv(cin, 6, 4, stride=2, padding=pad, use_bias=False)
+  got = conv.apply({"params": {"kernel": jnp.asarray(w)}}, x)
+  np.testing.assert_allclose(got, ref, rtol=0, atol=atol)
+  lowered = jax.jit(lambda v: conv.apply(v, x)).lower({"params": {"kernel": jnp.asarray(w)}})
+  assert ("convolution" in lowered.as_text()) == (cin < 128)
+  np.testing.assert_allclose(ops.conv2d_stride2_taps(x, w, ((pad, pad + 1), (0, pad))),
+                             jax.lax.conv_general_dilated(
+                                 x, w, (2, 2), ((pad, pad + 1), (0, pad)),
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC")),
+                             rtol=0, atol=atol)
+
+
 @pytest.mark.parametrize("k", [1, 3, 4])
 def test_kernel_energy_is_the_sum_over_taps(k):
   w = RNG.standard_normal((k, k, 6, 5)).astype(np.float32)
