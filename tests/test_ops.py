@@ -199,8 +199,8 @@ def test_conv2d_and_flax_route_match_numpy(k, stride, pad):
 @pytest.mark.parametrize("cin,pad", [(128, 1), (128, 0), (5, 1)])
 def test_stride2_even_kernels_match_numpy(cin, pad):
   """4x4 stride-2 kernels (the pyramid encoder's) on at least 128 input channels take
-  the folded-tap matmuls (`conv2d_stride2_taps`), narrower ones `lax.conv`; both
-  entry points agree with a float64 loop on odd sizes."""
+  the folded-tap matmuls (`conv2d_stride2_taps`) on CPU, narrower ones `lax.conv`;
+  both entry points agree with a float64 loop on odd sizes."""
   from g2face_jax.nn import plain
   x = RNG.standard_normal((2, 7, 10, cin)).astype(np.float32)
   w = RNG.standard_normal((4, 4, cin, 6)).astype(np.float32)
@@ -217,6 +217,28 @@ def test_stride2_even_kernels_match_numpy(cin, pad):
                                  x, w, (2, 2), ((pad, pad + 1), (0, pad)),
                                  dimension_numbers=("NHWC", "HWIO", "NHWC")),
                              rtol=0, atol=atol)
+
+
+def test_conv3x3_winograd_matches_numpy():
+  x = RNG.standard_normal((2, 6, 8, 5)).astype(np.float32)
+  w = RNG.standard_normal((3, 3, 5, 7)).astype(np.float32)
+  ref = conv_numpy(x, w, 1, 1)
+  np.testing.assert_allclose(ops.conv3x3_winograd(x, w), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("shape,matmuls", [((1, 64, 64, 256), True), ((1, 64, 64, 128), False),
+                                           ((1, 32, 32, 256), False), ((4, 32, 32, 256), True)])
+def test_large_3x3_convs_take_winograd_on_cpu(shape, matmuls):
+  """3x3 convs on >= 256 channels over >= 1024 output tiles lower to Winograd matmuls
+  on CPU; smaller ones stay `lax.conv`. Both match a float64 loop."""
+  x = RNG.standard_normal(shape).astype(np.float32)
+  w = (RNG.standard_normal((3, 3, shape[3], 3)) / np.sqrt(9 * shape[3])).astype(np.float32)
+  ref = conv_numpy(x, w, 1, 1)
+  np.testing.assert_allclose(ops.conv2d(x, w, 1, 1), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+  traced = jax.jit(lambda x, w: ops.conv2d(x, w, 1, 1)).trace(x, w)
+  assert ("convolution" in traced.lower(lowering_platforms=("cpu",)).as_text()) == (not matmuls)
+  for accelerator in ("tpu", "cuda"):
+    assert "convolution" in traced.lower(lowering_platforms=(accelerator,)).as_text()
 
 
 @pytest.mark.parametrize("k", [1, 3, 4])

@@ -285,17 +285,81 @@ def conv2d_stride2_taps(x: jax.Array, w: jax.Array, padding, precision=None) -> 
   return out
 
 
-# Measured on 2 AVX2 cores at the pyramid encoder's sizes (batch 1, conv + instance
-# norm + lReLU): the folded-tap matmuls take 247 against 348 ms at 256x256 128->256,
-# 72 against 98 ms at 64x64 512->512, even at 128x128 256->512; with 64 input
-# channels they lose (256x256 64->128: 70 against 46 ms for the conv alone).
+# Winograd F(2x2, 3x3) (Lavin & Gray, 2016): input transform B^T, kernel transform G,
+# output transform A^T. Every coefficient is exact in binary floating point.
+_WINOGRAD_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
+_WINOGRAD_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
+_WINOGRAD_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+
+
+def _combine(coefficients: Sequence[float], arrays: Sequence[jax.Array]) -> jax.Array:
+  """sum(c * a) over the nonzero coefficients, +-1 as plain adds and subtracts."""
+  out = None
+  for c, a in zip(coefficients, arrays):
+    if c == 0:
+      continue
+    term = a if c == 1 else -a if c == -1 else c * a
+    out = term if out is None else out + term
+  return out
+
+
+def conv3x3_winograd(x: jax.Array, w: jax.Array, precision=None) -> jax.Array:
+  """3x3 stride-1 convolution with padding 1 by Winograd F(2x2, 3x3).
+
+  x (B,H,W,Cin) with even H and W, w (3,3,Cin,Cout) -> (B,H,W,Cout), as
+  `lax.conv` gives it to float32 rounding (relative error about 2e-6). The 4x4
+  input tiles at stride 2 are transformed (B^T d B), each of the 16 transform
+  positions is one matmul over all tiles with the transformed kernel (G g G^T;
+  K = Cin, N = Cout), and every tile's 2x2 outputs are read back (A^T m A):
+  16 multiplications per 4 outputs instead of 36.
+  """
+  b, h, wd, _ = x.shape
+  th, tw = h // 2, wd // 2
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  rows = [xp[:, r:r + 2 * th:2] for r in range(4)]                      # (B, th, W+2, Cin)
+  by_rows = [_combine(_WINOGRAD_BT[k], rows) for k in range(4)]
+  tiles = [[_combine(_WINOGRAD_BT[l], [t[:, :, c:c + 2 * tw:2] for c in range(4)])
+            for l in range(4)] for t in by_rows]                        # (B, th, tw, Cin)
+  g = jnp.asarray(_WINOGRAD_G, w.dtype)
+  kernel = jnp.einsum("ki,ijco,lj->klco", g, w, g, precision=precision)
+  products = [[jax.lax.dot_general(tiles[k][l], kernel[k, l], (((3,), (0,)), ((), ())),
+                                   precision=precision) for l in range(4)] for k in range(4)]
+  by_cols = [[_combine(_WINOGRAD_AT[q], products[k]) for q in range(2)] for k in range(4)]
+  phases = [[_combine(_WINOGRAD_AT[p], [by_cols[k][q] for k in range(4)]) for q in range(2)]
+            for p in range(2)]                                          # out[2i+p, 2j+q]
+  out = jnp.stack([jnp.stack(phases[p], axis=3) for p in range(2)], axis=2)
+  return out.reshape(b, h, wd, w.shape[3])
+
+
+# When `conv_general_dilated` lowers for CPU, two convolution shapes run as matmuls,
+# from what XLA's CPU convolutions measured against them on 2 AVX2 cores:
+# - stride-2 even kernels on >= 128 input channels (`conv2d_stride2_taps`): the
+#   pyramid encoder's 4x4 convs + instance norm + lReLU took 247 against 348 ms at
+#   256x256 128->256 and 72 against 98 ms at 64x64 512->512, even at 128x128
+#   256->512; with 64 input channels they lose (256x256 64->128: 70 against 46 ms).
+# - 3x3 padding-1 stride-1 kernels on >= 256 input channels over >= 1024 tiles of
+#   2x2 outputs (`conv3x3_winograd`): 128x128 256->256 took 131 against 200 ms,
+#   64x64 512->512 127 against 167 ms; below those sizes the matmuls are too small
+#   (32x32 512->512: 66 against 52 ms) and at 256x256 128->128 it loses (197 / 178).
+# Other platforms keep `lax.conv`.
 _TAPS_MIN_IN_FEATURES = 128
+_WINOGRAD_MIN_IN_FEATURES = 256
+_WINOGRAD_MIN_TILES = 1024
 
 
-def _is_stride2_even(w_shape, strides, padding) -> bool:
+def _cpu_matmul_form(x_shape, w_shape, strides, padding):
+  """The matmul form `conv_general_dilated` uses on CPU for this convolution, or None."""
   kh, kw, cin = w_shape[:3]
-  return (tuple(strides) == (2, 2) and kh == kw and kh % 2 == 0
-          and cin >= _TAPS_MIN_IN_FEATURES and all(p >= 0 for pair in padding for p in pair))
+  b, h, wd = x_shape[:3]
+  strides, padding = tuple(strides), tuple(tuple(p) for p in padding)
+  if (strides == (2, 2) and kh == kw and kh % 2 == 0 and cin >= _TAPS_MIN_IN_FEATURES
+      and all(p >= 0 for pair in padding for p in pair)):
+    return lambda x, w, precision: conv2d_stride2_taps(x, w, padding, precision)
+  if (strides == (1, 1) and (kh, kw) == (3, 3) and padding == ((1, 1), (1, 1))
+      and h % 2 == 0 and wd % 2 == 0 and cin >= _WINOGRAD_MIN_IN_FEATURES
+      and b * (h // 2) * (wd // 2) >= _WINOGRAD_MIN_TILES):
+    return conv3x3_winograd
+  return None
 
 
 def _is_1x1_unpadded(w_shape, padding) -> bool:
@@ -332,20 +396,25 @@ def _nhwc_plain(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          precision=None) -> jax.Array:
-  """`lax.conv_general_dilated` (for `flax.linen.Conv`) with two NHWC cases as matmuls:
-  unpadded 1x1 kernels (`conv1x1`) and stride-2 even kernels on at least
-  `_TAPS_MIN_IN_FEATURES` input channels (`conv2d_stride2_taps`). Every other
-  convolution goes to `lax` unchanged."""
+  """`lax.conv_general_dilated` (for `flax.linen.Conv`) with some NHWC cases as matmuls:
+  unpadded 1x1 kernels on every platform (`conv1x1`), and on CPU the shapes
+  `_cpu_matmul_form` picks (chosen when lowering, `jax.lax.platform_dependent`).
+  Every other convolution goes to `lax` unchanged."""
+  def by_lax(lhs, rhs):
+    return jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count, precision=precision)
+
   if _nhwc_plain(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                  dimension_numbers, feature_group_count):
     if _is_1x1_unpadded(rhs.shape, padding):
       return conv1x1(lhs, rhs, window_strides[0], precision)
-    if _is_stride2_even(rhs.shape, window_strides, padding):
-      return conv2d_stride2_taps(lhs, rhs, tuple(tuple(p) for p in padding), precision)
-  return jax.lax.conv_general_dilated(
-      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-      dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
-      precision=precision)
+    cpu_form = _cpu_matmul_form(lhs.shape, rhs.shape, window_strides, padding)
+    if cpu_form is not None:
+      return jax.lax.platform_dependent(
+          lhs, rhs, cpu=lambda x, w: cpu_form(x, w, precision), default=by_lax)
+  return by_lax(lhs, rhs)
 
 
 def conv_general_dilated_bf16(lhs, rhs, window_strides, padding, lhs_dilation=None,
