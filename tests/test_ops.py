@@ -241,6 +241,26 @@ def test_large_3x3_convs_take_winograd_on_cpu(shape, matmuls):
     assert "convolution" in traced.lower(lowering_platforms=(accelerator,)).as_text()
 
 
+@pytest.mark.parametrize("form,kernel,stride", [("winograd", 3, 1), ("taps", 4, 2)])
+def test_matmul_forms_have_lax_conv_gradients(form, kernel, stride):
+  """Training through the CPU matmul forms: their gradients (input and kernel) are
+  `lax.conv`'s."""
+  x = jnp.asarray(RNG.standard_normal((2, 8, 6, 4)), jnp.float32)
+  w = jnp.asarray(RNG.standard_normal((kernel, kernel, 4, 3)), jnp.float32)
+  cotangent = jnp.asarray(RNG.standard_normal((2, 8 // stride, 6 // stride, 3)), jnp.float32)
+  fast = {"winograd": ops.conv3x3_winograd,
+          "taps": lambda x, w: ops.conv2d_stride2_taps(x, w, ((1, 1), (1, 1)))}[form]
+
+  def by_lax(x, w):
+    return jax.lax.conv_general_dilated(x, w, (stride, stride), ((1, 1), (1, 1)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  got = jax.vjp(fast, x, w)[1](cotangent)
+  want = jax.vjp(by_lax, x, w)[1](cotangent)
+  for g, r in zip(got, want):
+    np.testing.assert_allclose(g, r, rtol=0, atol=1e-5 * np.abs(r).max())
+
+
 @pytest.mark.parametrize("k", [1, 3, 4])
 def test_kernel_energy_is_the_sum_over_taps(k):
   w = RNG.standard_normal((k, k, 6, 5)).astype(np.float32)
