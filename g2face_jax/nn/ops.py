@@ -369,8 +369,8 @@ def _is_1x1_unpadded(w_shape, padding) -> bool:
 def conv2d(x: jax.Array, w: jax.Array, stride: int = 1, padding=0, dtype=None) -> jax.Array:
   """Plain convolution (cross-correlation, as PyTorch); x (B,H,W,Cin), w (kh,kw,Cin,Cout).
 
-  `dtype` None: `lax.conv` in x's dtype (`conv1x1` for unpadded 1x1 kernels);
-  bfloat16: `conv2d_matmul`, float32 result.
+  `dtype` None: x's dtype through `conv_general_dilated` (`lax.conv`, or a matmul
+  form where it picks one); bfloat16: `conv2d_matmul`, float32 result.
   """
   if isinstance(padding, int):
     padding = ((padding, padding), (padding, padding))

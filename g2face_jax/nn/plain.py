@@ -33,8 +33,9 @@ def Conv(in_features: int, features: int, kernel_size: int, stride: int = 1, pad
          use_bias: bool = True, name: str | None = None, dtype=None) -> nn.Conv:
   """`nn.Conv2d` equivalent on NHWC; kernel (k, k, in, out), bias (out,).
 
-  `dtype` None (or 'float32'): `lax.conv` in the promoted input/parameter dtype,
-  unpadded 1x1 kernels as a matmul (`ops.conv_general_dilated`).
+  `dtype` None (or 'float32'): `ops.conv_general_dilated` in the promoted
+  input/parameter dtype (`lax.conv`, or matmuls for unpadded 1x1 kernels and,
+  on CPU, the shapes XLA convolves slowly).
   'bfloat16': bfloat16 operands and float32 accumulation (`ops.conv2d_matmul`),
   float32 bias and output.
   """
