@@ -199,8 +199,8 @@ def test_conv2d_and_flax_route_match_numpy(k, stride, pad):
 @pytest.mark.parametrize("cin,pad", [(128, 1), (128, 0), (5, 1)])
 def test_stride2_even_kernels_match_numpy(cin, pad):
   """4x4 stride-2 kernels (the pyramid encoder's) on at least 128 input channels take
-  the folded-tap matmuls (`conv2d_stride2_taps`) on CPU, narrower ones `lax.conv`;
-  both entry points agree with a float64 loop on odd sizes."""
+  the folded-tap matmuls (`conv2d_stride2_taps`) on CPU at small sizes, narrower ones
+  `lax.conv`; both entry points agree with a float64 loop on odd sizes."""
   from g2face_jax.nn import plain
   x = RNG.standard_normal((2, 7, 10, cin)).astype(np.float32)
   w = RNG.standard_normal((4, 4, cin, 6)).astype(np.float32)
@@ -219,6 +219,19 @@ def test_stride2_even_kernels_match_numpy(cin, pad):
                              rtol=0, atol=atol)
 
 
+@pytest.mark.parametrize("padding", [((1, 1), (1, 1)), ((0, 2), (2, 0)), ((2, 1), (1, 2))])
+def test_conv4x4_stride2_winograd_matches_numpy(padding):
+  """F(2x2, 2x2) on the folded input against a float64 loop, asymmetric padding included."""
+  x = RNG.standard_normal((2, 8, 12, 5)).astype(np.float32)
+  w = RNG.standard_normal((4, 4, 5, 7)).astype(np.float32)
+  xp = np.pad(x, ((0, 0),) + padding + ((0, 0),))
+  ref = conv_numpy(xp, w, 2, 0)
+  got = ops.conv4x4_stride2_winograd(x, w, padding)
+  np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+  with pytest.raises(ValueError, match="even output"):
+    ops.conv4x4_stride2_winograd(x[:, :6], w, ((1, 1), (1, 1)))
+
+
 def test_conv3x3_winograd_matches_numpy():
   x = RNG.standard_normal((2, 6, 8, 5)).astype(np.float32)
   w = RNG.standard_normal((3, 3, 5, 7)).astype(np.float32)
@@ -226,30 +239,58 @@ def test_conv3x3_winograd_matches_numpy():
   np.testing.assert_allclose(ops.conv3x3_winograd(x, w), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("shape,matmuls", [((1, 64, 64, 256), True), ((1, 64, 64, 128), False),
-                                           ((1, 32, 32, 256), False), ((4, 32, 32, 256), True)])
-def test_large_3x3_convs_take_winograd_on_cpu(shape, matmuls):
-  """3x3 convs on >= 256 channels over >= 1024 output tiles lower to Winograd matmuls
-  on CPU; smaller ones stay `lax.conv`. Both match a float64 loop."""
+def _cpu_and_accelerator_lowerings(fn, *args) -> tuple[str, list[str]]:
+  traced = jax.jit(fn).trace(*args)
+  return (traced.lower(lowering_platforms=("cpu",)).as_text(),
+          [traced.lower(lowering_platforms=(p,)).as_text() for p in ("tpu", "cuda")])
+
+
+@pytest.mark.parametrize("shape,matmuls", [((1, 16, 16, 256), True), ((1, 64, 64, 128), False),
+                                           ((1, 8, 8, 256), False), ((4, 8, 8, 256), True),
+                                           ((1, 10, 9, 256), False)])
+def test_3x3_convs_take_winograd_on_cpu(shape, matmuls):
+  """3x3 convs with even sides on >= 256 channels over >= 64 output tiles lower to
+  Winograd matmuls on CPU; the others stay `lax.conv`, as they do on accelerators.
+  All match a float64 loop."""
   x = RNG.standard_normal(shape).astype(np.float32)
   w = (RNG.standard_normal((3, 3, shape[3], 3)) / np.sqrt(9 * shape[3])).astype(np.float32)
   ref = conv_numpy(x, w, 1, 1)
   np.testing.assert_allclose(ops.conv2d(x, w, 1, 1), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
-  traced = jax.jit(lambda x, w: ops.conv2d(x, w, 1, 1)).trace(x, w)
-  assert ("convolution" in traced.lower(lowering_platforms=("cpu",)).as_text()) == (not matmuls)
-  for accelerator in ("tpu", "cuda"):
-    assert "convolution" in traced.lower(lowering_platforms=(accelerator,)).as_text()
+  cpu, accelerators = _cpu_and_accelerator_lowerings(lambda x, w: ops.conv2d(x, w, 1, 1), x, w)
+  assert ("convolution" in cpu) == (not matmuls)
+  assert all("convolution" in text for text in accelerators)
 
 
-@pytest.mark.parametrize("form,kernel,stride", [("winograd", 3, 1), ("taps", 4, 2)])
+@pytest.mark.parametrize("shape,form", [((1, 128, 128, 128), "winograd"),
+                                        ((4, 64, 64, 128), "winograd"),
+                                        ((1, 64, 64, 128), "taps"),
+                                        ((1, 130, 126, 128), "taps")])
+def test_large_4x4_stride2_convs_take_winograd_on_cpu(shape, form):
+  """4x4 stride-2 convs with even output sides over >= 1024 output tiles lower to
+  F(2x2, 2x2) on CPU (9 dots), smaller or odd ones to the folded taps (4 dots);
+  accelerators keep `lax.conv`. Both match a float64 loop."""
+  x = RNG.standard_normal(shape).astype(np.float32)
+  w = (RNG.standard_normal((4, 4, shape[3], 2)) / np.sqrt(16 * shape[3])).astype(np.float32)
+  ref = conv_numpy(x, w, 2, 1)
+  np.testing.assert_allclose(ops.conv2d(x, w, 2, 1), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+  cpu, accelerators = _cpu_and_accelerator_lowerings(lambda x, w: ops.conv2d(x, w, 2, 1), x, w)
+  assert "convolution" not in cpu
+  assert cpu.count("stablehlo.dot_general") == {"winograd": 9, "taps": 4}[form]
+  assert all("convolution" in text for text in accelerators)
+
+
+@pytest.mark.parametrize("form,kernel,stride", [("winograd", 3, 1), ("taps", 4, 2),
+                                                ("winograd_stride2", 4, 2)])
 def test_matmul_forms_have_lax_conv_gradients(form, kernel, stride):
   """Training through the CPU matmul forms: their gradients (input and kernel) are
   `lax.conv`'s."""
-  x = jnp.asarray(RNG.standard_normal((2, 8, 6, 4)), jnp.float32)
+  x = jnp.asarray(RNG.standard_normal((2, 8, 12, 4)), jnp.float32)
   w = jnp.asarray(RNG.standard_normal((kernel, kernel, 4, 3)), jnp.float32)
-  cotangent = jnp.asarray(RNG.standard_normal((2, 8 // stride, 6 // stride, 3)), jnp.float32)
+  cotangent = jnp.asarray(RNG.standard_normal((2, 8 // stride, 12 // stride, 3)), jnp.float32)
   fast = {"winograd": ops.conv3x3_winograd,
-          "taps": lambda x, w: ops.conv2d_stride2_taps(x, w, ((1, 1), (1, 1)))}[form]
+          "taps": lambda x, w: ops.conv2d_stride2_taps(x, w, ((1, 1), (1, 1))),
+          "winograd_stride2": lambda x, w: ops.conv4x4_stride2_winograd(x, w, ((1, 1), (1, 1)))
+          }[form]
 
   def by_lax(x, w):
     return jax.lax.conv_general_dilated(x, w, (stride, stride), ((1, 1), (1, 1)),

@@ -200,6 +200,12 @@ def _kernel_space_to_depth2(w: jax.Array) -> jax.Array:
   return w.reshape(w.shape[0], w.shape[1], 4 * cin, cout)
 
 
+def _stride2_out_size(x_shape, w_shape, padding) -> tuple[int, int]:
+  (pt, pb), (pl, pr) = padding
+  return ((x_shape[1] + pt + pb - w_shape[0]) // 2 + 1,
+          (x_shape[2] + pl + pr - w_shape[1]) // 2 + 1)
+
+
 def _fold_stride2(x: jax.Array, w: jax.Array, padding, oh: int, ow: int):
   """A stride-2 convolution as a stride-1 one: the padded input (B,H,W,Cin) folded
   to (B, oh + t - 1, ow + t - 1, 4 Cin) by `_space_to_depth2` and the kernel to
@@ -272,9 +278,7 @@ def conv2d_stride2_taps(x: jax.Array, w: jax.Array, padding, precision=None) -> 
   are summed at their shifts. XLA's CPU convolution runs the pyramid encoder's
   4x4 stride-2 kernels at 55-105 GFLOP/s, these matmuls at 90-125.
   """
-  kh, kw = w.shape[:2]
-  (pt, pb), (pl, pr) = padding
-  oh, ow = (x.shape[1] + pt + pb - kh) // 2 + 1, (x.shape[2] + pl + pr - kw) // 2 + 1
+  oh, ow = _stride2_out_size(x.shape, w.shape, padding)
   folded, taps = _fold_stride2(x, w.astype(x.dtype), padding, oh, ow)
   out = None
   for a in range(taps.shape[0]):
@@ -285,11 +289,15 @@ def conv2d_stride2_taps(x: jax.Array, w: jax.Array, padding, precision=None) -> 
   return out
 
 
-# Winograd F(2x2, 3x3) (Lavin & Gray, 2016): input transform B^T, kernel transform G,
-# output transform A^T. Every coefficient is exact in binary floating point.
-_WINOGRAD_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
-_WINOGRAD_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
-_WINOGRAD_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+# Winograd transforms (Lavin & Gray, 2016) as (B^T, G, A^T) for F(m x m, r x r):
+# input tiles of n = m + r - 1, output tiles of m. Every coefficient is exact in
+# binary floating point, and both sets keep float32 rounding at about 2e-6.
+WINOGRAD_F2_3 = (((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
+                 ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1)),
+                 ((1, 1, 1, 0), (0, 1, -1, -1)))
+WINOGRAD_F2_2 = (((1, -1, 0), (0, 1, 0), (0, -1, 1)),
+                 ((1, 0), (1, 1), (0, 1)),
+                 ((1, 1, 0), (0, 1, 1)))
 
 
 def _combine(coefficients: Sequence[float], arrays: Sequence[jax.Array]) -> jax.Array:
@@ -303,48 +311,84 @@ def _combine(coefficients: Sequence[float], arrays: Sequence[jax.Array]) -> jax.
   return out
 
 
+def winograd_conv(xp: jax.Array, w: jax.Array, transform, oh: int, ow: int,
+                  precision=None) -> jax.Array:
+  """Valid stride-1 convolution of an already padded input by Winograd F(m x m, r x r).
+
+  xp (B, >= oh + r - 1, >= ow + r - 1, Cin), w (r,r,Cin,Cout), `transform` one of
+  the `WINOGRAD_*` triples; oh and ow multiples of m -> (B,oh,ow,Cout). The n x n
+  input tiles at stride m are transformed (B^T d B), the kernel likewise (G g G^T,
+  as sums of kernel slices: XLA's einsum form of it cost more than the matmuls at
+  the decoder's low resolutions), each of the n^2 transform positions is one
+  matmul over all tiles (K = Cin, N = Cout), and every tile's outputs are read
+  back (A^T M A): n^2 multiplications per m^2 outputs instead of m^2 r^2.
+  """
+  bt, g, at = transform
+  n, m, r = len(bt), len(at), len(g[0])
+  b, th, tw = xp.shape[0], oh // m, ow // m
+  rows = [xp[:, i:i + m * th:m] for i in range(n)]                      # (B, th, W', Cin)
+  tiles = [[_combine(bt[l], [t[:, :, j:j + m * tw:m] for j in range(n)]) for l in range(n)]
+           for t in (_combine(bt[k], rows) for k in range(n))]            # (B, th, tw, Cin)
+  kernel = [[_combine(g[l], [kr[j] for j in range(r)]) for l in range(n)]
+            for kr in (_combine(g[k], [w[i] for i in range(r)]) for k in range(n))]
+  products = [[jax.lax.dot_general(tiles[k][l], kernel[k][l], (((3,), (0,)), ((), ())),
+                                   precision=precision) for l in range(n)] for k in range(n)]
+  by_cols = [[_combine(at[q], products[k]) for q in range(m)] for k in range(n)]
+  phases = [[_combine(at[p], [by_cols[k][q] for k in range(n)]) for q in range(m)]
+            for p in range(m)]                                          # out[m i + p, m j + q]
+  out = jnp.stack([jnp.stack(phases[p], axis=3) for p in range(m)], axis=2)
+  return out.reshape(b, oh, ow, w.shape[3])
+
+
 def conv3x3_winograd(x: jax.Array, w: jax.Array, precision=None) -> jax.Array:
   """3x3 stride-1 convolution with padding 1 by Winograd F(2x2, 3x3).
 
   x (B,H,W,Cin) with even H and W, w (3,3,Cin,Cout) -> (B,H,W,Cout), as
-  `lax.conv` gives it to float32 rounding (relative error about 2e-6). The 4x4
-  input tiles at stride 2 are transformed (B^T d B), each of the 16 transform
-  positions is one matmul over all tiles with the transformed kernel (G g G^T;
-  K = Cin, N = Cout), and every tile's 2x2 outputs are read back (A^T m A):
-  16 multiplications per 4 outputs instead of 36.
+  `lax.conv` gives it to float32 rounding: 16 multiplications per 4 outputs
+  instead of 36.
   """
-  b, h, wd, _ = x.shape
-  th, tw = h // 2, wd // 2
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  rows = [xp[:, r:r + 2 * th:2] for r in range(4)]                      # (B, th, W+2, Cin)
-  by_rows = [_combine(_WINOGRAD_BT[k], rows) for k in range(4)]
-  tiles = [[_combine(_WINOGRAD_BT[l], [t[:, :, c:c + 2 * tw:2] for c in range(4)])
-            for l in range(4)] for t in by_rows]                        # (B, th, tw, Cin)
-  g = jnp.asarray(_WINOGRAD_G, w.dtype)
-  kernel = jnp.einsum("ki,ijco,lj->klco", g, w, g, precision=precision)
-  products = [[jax.lax.dot_general(tiles[k][l], kernel[k, l], (((3,), (0,)), ((), ())),
-                                   precision=precision) for l in range(4)] for k in range(4)]
-  by_cols = [[_combine(_WINOGRAD_AT[q], products[k]) for q in range(2)] for k in range(4)]
-  phases = [[_combine(_WINOGRAD_AT[p], [by_cols[k][q] for k in range(4)]) for q in range(2)]
-            for p in range(2)]                                          # out[2i+p, 2j+q]
-  out = jnp.stack([jnp.stack(phases[p], axis=3) for p in range(2)], axis=2)
-  return out.reshape(b, h, wd, w.shape[3])
+  return winograd_conv(xp, w, WINOGRAD_F2_3, x.shape[1], x.shape[2], precision)
 
 
-# When `conv_general_dilated` lowers for CPU, two convolution shapes run as matmuls,
-# from what XLA's CPU convolutions measured against them on 2 AVX2 cores:
-# - stride-2 even kernels on >= 128 input channels (`conv2d_stride2_taps`): the
-#   pyramid encoder's 4x4 convs + instance norm + lReLU took 247 against 348 ms at
-#   256x256 128->256 and 72 against 98 ms at 64x64 512->512, even at 128x128
-#   256->512; with 64 input channels they lose (256x256 64->128: 70 against 46 ms).
-# - 3x3 padding-1 stride-1 kernels on >= 256 input channels over >= 1024 tiles of
-#   2x2 outputs (`conv3x3_winograd`): 128x128 256->256 took 131 against 200 ms,
-#   64x64 512->512 127 against 167 ms; below those sizes the matmuls are too small
-#   (32x32 512->512: 66 against 52 ms) and at 256x256 128->128 it loses (197 / 178).
+def conv4x4_stride2_winograd(x: jax.Array, w: jax.Array, padding, precision=None) -> jax.Array:
+  """4x4 stride-2 convolution by Winograd F(2x2, 2x2) on the folded input.
+
+  x (B,H,W,Cin), w (4,4,Cin,Cout), padding ((top, bottom), (left, right)) whose
+  output sides are even -> (B, oh, ow, Cout) as `lax.conv` gives it to float32
+  rounding. `_fold_stride2` turns it into a 2x2 stride-1 convolution on 4 Cin
+  channels, which takes 9 multiplications per 4 outputs instead of 16.
+  """
+  oh, ow = _stride2_out_size(x.shape, w.shape, padding)
+  if w.shape[:2] != (4, 4) or oh % 2 or ow % 2:
+    raise ValueError(f"conv4x4_stride2_winograd takes 4x4 kernels with even output sides, "
+                     f"got kernel {w.shape[:2]} and output {oh}x{ow}")
+  folded, kernel = _fold_stride2(x, w.astype(x.dtype), padding, oh, ow)
+  return winograd_conv(folded, kernel, WINOGRAD_F2_2, oh, ow, precision)
+
+
+# When `conv_general_dilated` lowers for CPU, some convolution shapes run as
+# matmuls, from what XLA's CPU convolutions measured against them on 2 AVX2 cores
+# (single convolutions, batch 1, ms):
+# - 4x4 stride-2 kernels on >= 128 input channels with even output sides over
+#   >= 1024 output tiles of 2x2 (`conv4x4_stride2_winograd`): 256x256 128->256
+#   182 against 205 for the taps form below, 128x128 256->512 103 against 187;
+#   with fewer tiles the 2.25x larger transformed kernel costs more than it saves
+#   (64x64 512->512: 79 / 84, 32x32: 39 / 22).
+# - other stride-2 even kernels on >= 128 input channels (`conv2d_stride2_taps`):
+#   the pyramid encoder's 4x4 convs + instance norm + lReLU took 247 against 348
+#   ms at 256x256 128->256 and 72 against 98 ms at 64x64 512->512; with 64 input
+#   channels they lose (256x256 64->128: 70 against 46 ms).
+# - 3x3 padding-1 stride-1 kernels on >= 256 input channels over >= 64 output
+#   tiles (`conv3x3_winograd`): 128x128 256->256 136 against 176, 64x64 512->512
+#   115 against 164, 32x32 512->512 23 against 47, 16x16 8 against 13; with 16
+#   tiles (8x8) it is even or loses, and with 128 channels it loses (256x256:
+#   207 against 202).
 # Other platforms keep `lax.conv`.
-_TAPS_MIN_IN_FEATURES = 128
-_WINOGRAD_MIN_IN_FEATURES = 256
-_WINOGRAD_MIN_TILES = 1024
+_MATMUL_MIN_IN_FEATURES = 128
+_WINOGRAD3_MIN_IN_FEATURES = 256
+_WINOGRAD3_MIN_TILES = 64
+_WINOGRAD_STRIDE2_MIN_TILES = 1024
 
 
 def _cpu_matmul_form(x_shape, w_shape, strides, padding):
@@ -352,12 +396,16 @@ def _cpu_matmul_form(x_shape, w_shape, strides, padding):
   kh, kw, cin = w_shape[:3]
   b, h, wd = x_shape[:3]
   strides, padding = tuple(strides), tuple(tuple(p) for p in padding)
-  if (strides == (2, 2) and kh == kw and kh % 2 == 0 and cin >= _TAPS_MIN_IN_FEATURES
+  if (strides == (2, 2) and kh == kw and kh % 2 == 0 and cin >= _MATMUL_MIN_IN_FEATURES
       and all(p >= 0 for pair in padding for p in pair)):
+    oh, ow = _stride2_out_size(x_shape, w_shape, padding)
+    if (kh == 4 and oh % 2 == 0 and ow % 2 == 0
+        and b * (oh // 2) * (ow // 2) >= _WINOGRAD_STRIDE2_MIN_TILES):
+      return lambda x, w, precision: conv4x4_stride2_winograd(x, w, padding, precision)
     return lambda x, w, precision: conv2d_stride2_taps(x, w, padding, precision)
   if (strides == (1, 1) and (kh, kw) == (3, 3) and padding == ((1, 1), (1, 1))
-      and h % 2 == 0 and wd % 2 == 0 and cin >= _WINOGRAD_MIN_IN_FEATURES
-      and b * (h // 2) * (wd // 2) >= _WINOGRAD_MIN_TILES):
+      and h % 2 == 0 and wd % 2 == 0 and cin >= _WINOGRAD3_MIN_IN_FEATURES
+      and b * (h // 2) * (wd // 2) >= _WINOGRAD3_MIN_TILES):
     return conv3x3_winograd
   return None
 
