@@ -89,6 +89,18 @@ def test_conv_general_dilated_bf16_in_flax_conv():
                                   dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=2)
 
 
+def test_concat_conv1x1_bfloat16_is_the_bfloat16_conv_of_the_concatenation():
+  parts = [RNG.standard_normal((2, 6, 5, c)).astype(np.float32) for c in (16, 300)]
+  joined = np.concatenate(parts, axis=-1)
+  variables = jax.tree.map(lambda a: a + 0.1,
+                           plain.ConcatConv1x1(8).init(jax.random.key(0), parts))
+  out = plain.ConcatConv1x1(8, dtype="bfloat16").apply(variables, parts)
+  assert out.dtype == jnp.float32
+  ref = plain.Conv(316, 8, 1, dtype="bfloat16").apply(variables, joined)
+  np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
+  assert rel(out, plain.Conv(316, 8, 1).apply(variables, joined)) < LAYER_BOUND
+
+
 @pytest.mark.parametrize("up,k", [(False, 3), (True, 3), (False, 1)])
 def test_modulated_conv_bfloat16_close_to_float32(up, k):
   x = RNG.standard_normal((2, 8, 8, 64)).astype(np.float32)

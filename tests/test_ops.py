@@ -302,6 +302,23 @@ def test_matmul_forms_have_lax_conv_gradients(form, kernel, stride):
     np.testing.assert_allclose(g, r, rtol=0, atol=1e-5 * np.abs(r).max())
 
 
+def test_concat_conv1x1_is_a_conv_of_the_concatenation():
+  """`plain.ConcatConv1x1` has `plain.Conv`'s parameters (same init) and output on the
+  concatenated parts, against a float64 matmul."""
+  from g2face_jax.nn import plain
+  parts = [RNG.standard_normal((2, 5, 7, c)).astype(np.float32) for c in (3, 8, 4)]
+  joined = np.concatenate(parts, axis=-1)
+  split = plain.ConcatConv1x1(6)
+  conv = plain.Conv(15, 6, 1)
+  variables = split.init(jax.random.key(0), parts)
+  same = jax.tree.map(np.array_equal, variables, conv.init(jax.random.key(0), joined))
+  assert all(jax.tree.leaves(same))
+  params = variables["params"]
+  ref = joined.astype(np.float64) @ np.asarray(params["kernel"][0, 0], np.float64) + params["bias"]
+  np.testing.assert_allclose(split.apply(variables, parts), ref, rtol=0, atol=1e-5)
+  np.testing.assert_allclose(conv.apply(variables, joined), ref, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("k", [1, 3, 4])
 def test_kernel_energy_is_the_sum_over_taps(k):
   w = RNG.standard_normal((k, k, 6, 5)).astype(np.float32)

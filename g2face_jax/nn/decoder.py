@@ -18,7 +18,6 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from g2face_jax.nn import ops, plain, stylegan
 
@@ -81,16 +80,17 @@ class PyramidBlock(nn.Module):
 
 
 class FusionMask(nn.Module):
-  """Plain 1x1 conv -> InstanceNorm -> sigmoid: the IFF mask in (0, 1), (B,H,W,features).
+  """Plain 1x1 conv -> InstanceNorm -> sigmoid over the channel concatenation of
+  `parts` (each (B,H,W,C_i)): the IFF mask in (0, 1), (B,H,W,features).
 
-  `dtype`: the conv's (`plain.Conv`).
+  `dtype`: the conv's (`plain.ConcatConv1x1`).
   """
   features: int
   dtype: Any = None
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    out = plain.Conv(x.shape[-1], self.features, 1, name="conv", dtype=self.dtype)(x)
+  def __call__(self, parts: Sequence[jax.Array]) -> jax.Array:
+    out = plain.ConcatConv1x1(self.features, name="conv", dtype=self.dtype)(parts)
     return jax.nn.sigmoid(ops.instance_norm(out))
 
 
@@ -187,7 +187,7 @@ class Decoder(nn.Module):
 
     out = self.input(b).astype(x.dtype)
     enc = features[-1]
-    mask = self.fusion_mask[-1](jnp.concatenate([out, enc], axis=-1))
+    mask = self.fusion_mask[-1]([out, enc])
     out = mask * out + (1 - mask) * enc
     out = self.conv1(out, styles[:, 0], noise[0])
     rgb = self.to_rgb1(out, styles[:, 1])
@@ -201,7 +201,7 @@ class Decoder(nn.Module):
         mask_in = [out, enc, self.hiding_injects[2 * level](bits)]
       else:
         mask_in = [out, enc]
-      mask = self.fusion_mask[-(level + 2)](jnp.concatenate(mask_in, axis=-1))
+      mask = self.fusion_mask[-(level + 2)](mask_in)
       out = mask * out + (1 - mask) * enc
       if hiding:
         out = out + self.hiding_injects[2 * level + 1](bits)

@@ -8,6 +8,7 @@ PyTorch's init: weights and biases uniform in +-1/sqrt(fan_in).
 from __future__ import annotations
 
 import math
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -45,6 +46,35 @@ def Conv(in_features: int, features: int, kernel_size: int, stride: int = 1, pad
   return nn.Conv(features, (k, k), strides=stride, padding=((p, p), (p, p)), use_bias=use_bias,
                  kernel_init=torch_kernel_init, bias_init=torch_bias_init(in_features * k * k),
                  name=name, conv_general_dilated=fast_conv)
+
+
+class ConcatConv1x1(nn.Module):
+  """A 1x1 `Conv` over the channel concatenation of `parts`, without forming it.
+
+  parts: arrays (B,H,W,C_i) -> (B,H,W,features). Parameters as `Conv`'s (kernel
+  (1, 1, sum C_i, features), bias), so checkpoints and converters see one conv;
+  the output is the sum of one matmul per part with its kernel rows, which on
+  CPU costs less than copying the concatenation (the fusion masks at 64-256 px:
+  58-96 against 79-130 ms). `dtype` as `Conv`'s.
+  """
+  features: int
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, parts: Sequence[jax.Array]) -> jax.Array:
+    cin = sum(p.shape[-1] for p in parts)
+    kernel = self.param("kernel", torch_kernel_init, (1, 1, cin, self.features))
+    bias = self.param("bias", torch_bias_init(cin), (self.features,))
+    mm = ops.matmul_dtype(self.dtype)
+    out_dtype = jnp.result_type(*parts, kernel) if mm is None else jnp.float32
+    out, start = None, 0
+    for part in parts:
+      rows = kernel[0, 0, start:start + part.shape[-1]]
+      start += part.shape[-1]
+      product = jax.lax.dot_general(part.astype(mm or out_dtype), rows.astype(mm or out_dtype),
+                                    (((3,), (0,)), ((), ())), preferred_element_type=out_dtype)
+      out = product if out is None else out + product
+    return out + bias.astype(out_dtype)
 
 
 def Dense(in_features: int, features: int, name: str | None = None) -> nn.Dense:
