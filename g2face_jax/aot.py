@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import os
 import re
 import time
 from typing import Any
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -33,7 +31,6 @@ from g2face_jax.train import frozen as frozen_lib
 from g2face_jax.train import runtime
 from g2face_jax.train import sharding
 from g2face_jax.train import state as state_lib
-from g2face_jax.train import step as step_lib
 
 GIB = 2 ** 30
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import grain
 import ml_collections
 
-from g2face_jax.datasets import sources, transforms
+from g2face_jax.datasets import transforms
 
 
 def steps_per_epoch(num_records: int, global_batch: int) -> int:

@@ -13,7 +13,6 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from g2face_jax.nn import ops
 

@@ -36,7 +36,6 @@ import dataclasses
 import functools
 import hashlib
 import time
-from fractions import Fraction
 from typing import Callable, Iterable, Iterator, Sequence
 
 import av
