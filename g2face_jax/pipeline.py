@@ -28,9 +28,9 @@ bfloat16 matmul units. Variables, inputs and outputs stay float32 either way;
 the jitted program (`jax.lax.map`). Every network runs per sample at test time
 (evaluation-mode BatchNorm, per-sample InstanceNorm), so the results do not
 depend on it (beyond float32 rounding). None means `default_micro_batch()`: 1
-on CPU, where XLA ran the paper decoder's layers 1.2 to 2.2x slower per image
-at batch 4 than at batch 1, and the whole batch on accelerators; a value at
-least the batch size runs it in one step.
+on CPU, where the paper pipeline's whole batch of 4 in one step ran 1.1 to
+1.2x slower per face than one face at a time (2 AVX2 cores), and the whole
+batch on accelerators; a value at least the batch size runs it in one step.
 """
 from __future__ import annotations
 
