@@ -67,11 +67,12 @@ class ConcatConv1x1(nn.Module):
     bias = self.param("bias", torch_bias_init(cin), (self.features,))
     mm = ops.matmul_dtype(self.dtype)
     out_dtype = jnp.result_type(*parts, kernel) if mm is None else jnp.float32
+    operand_dtype = out_dtype if mm is None else mm
     out, start = None, 0
     for part in parts:
       rows = kernel[0, 0, start:start + part.shape[-1]]
       start += part.shape[-1]
-      product = jax.lax.dot_general(part.astype(mm or out_dtype), rows.astype(mm or out_dtype),
+      product = jax.lax.dot_general(part.astype(operand_dtype), rows.astype(operand_dtype),
                                     (((3,), (0,)), ((), ())), preferred_element_type=out_dtype)
       out = product if out is None else out + product
     return out + bias.astype(out_dtype)
