@@ -81,14 +81,16 @@ def run(config: str = "paper", batch: int = 1, rounds: int = 3, seed: int = 0,
   """Bench one configuration; returns a flat dict (seconds, GFLOP, MB; see the module doc).
 
   `micro_batch`: faces per step of the pipeline's loop over the batch (None: the
-  pipeline default, 1 on CPU); the record holds the value used.
+  pipeline default, 1 on CPU); the record holds the value used, and `devices`
+  the number of devices sharing the batch (`pipeline.data_parallel_devices`).
   """
   if batch < 1 or rounds < 1:
     raise ValueError(f"batch and rounds must be >= 1, got batch={batch}, rounds={rounds}")
   if dtype not in pipeline.DTYPES:
     raise ValueError(f"--dtype '{dtype}': choose from {', '.join(pipeline.DTYPES)}")
+  devices = pipeline.data_parallel_devices(batch)
   try:
-    micro = pipeline.faces_per_step(micro_batch, batch)
+    micro = pipeline.faces_per_step(micro_batch, batch // devices)
   except ValueError as e:
     raise ValueError(f"--micro-batch {micro_batch}: {e}") from None
   anonymize = functools.partial(pipeline.official_anonymize, dtype=dtype)
@@ -109,13 +111,16 @@ def run(config: str = "paper", batch: int = 1, rounds: int = 3, seed: int = 0,
   _, rec_first, rec_best = _timed(
       lambda: recover(nets, variables, anon, hide_bits, noise, micro_batch=micro), rounds)
   # Counted on the one-step program: XLA counts a loop's body once, and the
-  # per-sample loop (pipeline micro_batch) does the same arithmetic.
-  anon_flops = _flops(functools.partial(anonymize, micro_batch=batch), nets, variables, x, z, noise)
-  rec_flops = _flops(functools.partial(recover, micro_batch=batch), nets, variables, anon,
-                     hide_bits, noise)
+  # per-sample loop (pipeline micro_batch) does the same arithmetic. Split over
+  # devices, the program's networks hold one device's share of the batch.
+  per_step = batch // devices
+  anon_flops = devices * _flops(functools.partial(anonymize, micro_batch=per_step), nets,
+                                variables, x, z, noise)
+  rec_flops = devices * _flops(functools.partial(recover, micro_batch=per_step), nets, variables,
+                               anon, hide_bits, noise)
   return dict(
       config=config, size=int(model.size), batch=batch, micro_batch=micro, rounds=rounds,
-      dtype=dtype, device=device_name(),
+      dtype=dtype, device=device_name(), devices=devices,
       anonymize_s_per_img=anon_best / batch, recover_s_per_img=rec_best / batch,
       anonymize_img_per_s=batch / anon_best, recover_img_per_s=batch / rec_best,
       anonymize_compile_s=max(anon_first - anon_best, 0.0),
@@ -195,7 +200,8 @@ def format_train_result(r: dict) -> str:
 
 def format_result(r: dict) -> str:
   """A few human-readable lines for one `run` result."""
-  lines = [f"{r['config']} ({r['size']}x{r['size']}), batch {r['batch']} "
+  share = f" on {r['devices']} devices" if r["devices"] > 1 else ""
+  lines = [f"{r['config']} ({r['size']}x{r['size']}), batch {r['batch']}{share} "
            f"({r['micro_batch']} per step), {r['dtype']}, best of {r['rounds']}, {r['device']}"]
   for path in ("anonymize", "recover"):
     lines.append(

@@ -171,7 +171,11 @@ def _eval(args) -> int:
 def _bench(args) -> int:
   import json
 
-  from g2face_jax import bench
+  from g2face_jax import bench, cpu_devices
+  if args.cpu_devices is not None and args.devices:
+    raise ValueError("--cpu-devices splits this process's CPU; --devices compares fresh "
+                     "processes of simulated devices: give one of them")
+  cpu_devices.split(args.cpu_devices or 1)
   if args.train and args.dtype != "float32":
     raise ValueError("--dtype times anonymize and recover; for --train set "
                      "train.compute_dtype in the config")
@@ -381,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
                  "as bfloat16 matmuls with float32 accumulation)")
   p.add_argument("--micro-batch", type=int, help="faces per step of the loop over each batch "
                  "(default: 1 on CPU, the whole batch on accelerators)")
+  p.add_argument("--cpu-devices", type=int, metavar="N", help="run on the CPU as N devices of "
+                 "one thread each, every batch split over them (faster on batches, slower one "
+                 "face at a time; default: one device using every core)")
   p.add_argument("--train", action="store_true", help="time one training iteration instead "
                  "(the config's global batch and mesh; e.g. --config smoke)")
   p.add_argument("--devices", help="with --train on CPU: simulated device counts to compare, "

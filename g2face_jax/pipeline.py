@@ -31,6 +31,11 @@ depend on it (beyond float32 rounding). None means `default_micro_batch()`: 1
 on CPU, where the paper pipeline's whole batch of 4 in one step ran 1.1 to
 1.2x slower per face than one face at a time (2 AVX2 cores), and the whole
 batch on accelerators; a value at least the batch size runs it in one step.
+
+Several devices (GPUs of one host, or the CPU split by `cpu_devices.split`)
+share a batch they divide: each runs its share (`data_parallel_devices`,
+`jax.shard_map`), looping over it per `micro_batch`. A mesh set by the caller
+(`jax.set_mesh`, inside `shard_map`) turns this off.
 """
 from __future__ import annotations
 
@@ -99,7 +104,16 @@ def faces_per_step(micro_batch: int | None, batch: int) -> int:
   return m
 
 
-def _per_sample(fn, micro_batch: int | None, *args):
+def data_parallel_devices(batch: int) -> int:
+  """How many devices share a batch of `batch`: all of this process's devices when
+  there are several, they divide the batch, there is one process and the caller
+  set no mesh of its own (`jax.set_mesh`, `shard_map`); else 1."""
+  n = jax.device_count()
+  own_mesh = jax.process_count() == 1 and jax.sharding.get_abstract_mesh().empty
+  return n if n > 1 and batch % n == 0 and own_mesh else 1
+
+
+def _loop(fn, micro_batch: int | None, *args):
   """fn(*args) with every arg batched on axis 0, run `faces_per_step` samples at a
   time: one call when that is the whole batch, else a `lax.map` loop over the
   chunks with the outputs joined."""
@@ -110,6 +124,18 @@ def _per_sample(fn, micro_batch: int | None, *args):
   chunks = jax.tree.map(lambda a: a.reshape((b // m, m) + a.shape[1:]), args)
   out = jax.lax.map(lambda c: fn(*c), chunks)
   return jax.tree.map(lambda a: a.reshape((b,) + a.shape[2:]), out)
+
+
+def _per_sample(fn, micro_batch: int | None, *args):
+  """`_loop(fn, micro_batch, *args)`, the batch split over `data_parallel_devices`
+  (each device loops over its share)."""
+  n = data_parallel_devices(jax.tree.leaves(args)[0].shape[0])
+  if n == 1:
+    return _loop(fn, micro_batch, *args)
+  mesh = jax.sharding.Mesh(jax.devices(), ("batch",))
+  batch = jax.sharding.PartitionSpec("batch")
+  return jax.shard_map(functools.partial(_loop, fn, micro_batch), mesh=mesh,
+                       in_specs=batch, out_specs=batch)(*args)
 
 
 def _styles(nets: Networks, variables: Variables, identity: jax.Array,
