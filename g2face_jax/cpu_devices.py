@@ -1,11 +1,11 @@
 """The CPU as several single-threaded JAX devices, for throughput on batches.
 
-XLA runs a program on one CPU device with its operations split over the cores.
-Many of them (the elementwise work around the convolutions, small layers) use
-fewer cores than there are, so on a batch it is faster to give each core a
-device of its own, running one thread, and a share of the batch:
-`pipeline` splits a batch over all devices when they divide it. One face at a
-time is slower this way (it runs on one core), so this is a choice for batches.
+XLA runs a program on one CPU device with its matrix products split over the
+cores, but its elementwise work (norms, activations, Winograd transforms) on one
+thread. Giving each core a device of its own, running one thread, and a share
+of the batch can keep every core busy (`pipeline` splits a batch over all
+devices when they divide it; the README has the measured figures). One face at
+a time is slower this way (it runs on one core), so this is a choice for batches.
 """
 from __future__ import annotations
 
