@@ -8,7 +8,7 @@ from g2face_jax import bench, cli
 KEYS = {"anonymize_s_per_img", "recover_s_per_img", "batch", "device", "anonymize_img_per_s",
         "recover_img_per_s", "anonymize_compile_s", "recover_compile_s",
         "anonymize_gflop_per_img", "recover_gflop_per_img", "anonymize_gflop_per_s",
-        "recover_gflop_per_s", "peak_rss_mb", "dtype", "micro_batch"}
+        "recover_gflop_per_s", "peak_rss_mb", "dtype", "micro_batch", "devices"}
 
 
 def test_bench_json_on_tiny_config(capsys):
@@ -18,7 +18,7 @@ def test_bench_json_on_tiny_config(capsys):
   record = json.loads(lines[0])
   assert KEYS <= set(record)
   assert record["batch"] == 1 and record["config"] == "tiny" and record["size"] == 32
-  assert record["dtype"] == "float32" and record["micro_batch"] == 1
+  assert record["dtype"] == "float32" and record["micro_batch"] == 1 and record["devices"] == 1
   assert record["device"].startswith("cpu")
   for path in ("anonymize", "recover"):
     assert record[f"{path}_s_per_img"] > 0

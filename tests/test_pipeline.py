@@ -74,7 +74,7 @@ def test_micro_batch_loop_gives_the_whole_batch_result(tiny):
 
   whole = stages(4)
   assert pipeline.default_micro_batch() == 1
-  for micro in (None, 1, 2):
+  for micro in (None, 2):  # None is 1 on CPU (asserted above)
     out = stages(micro)
     for key in ("arc_id", "coeff", "style", "anon", "logits", "coeff_anon", "recovered"):
       np.testing.assert_allclose(out[key], whole[key], rtol=1e-5, atol=1e-5, err_msg=key)
