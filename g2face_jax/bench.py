@@ -89,8 +89,9 @@ def run(config: str = "paper", batch: int = 1, rounds: int = 3, seed: int = 0,
   if dtype not in pipeline.DTYPES:
     raise ValueError(f"--dtype '{dtype}': choose from {', '.join(pipeline.DTYPES)}")
   devices = pipeline.data_parallel_devices(batch)
+  per_device = batch // devices
   try:
-    micro = pipeline.faces_per_step(micro_batch, batch // devices)
+    micro = pipeline.faces_per_step(micro_batch, per_device)
   except ValueError as e:
     raise ValueError(f"--micro-batch {micro_batch}: {e}") from None
   anonymize = functools.partial(pipeline.official_anonymize, dtype=dtype)
@@ -113,11 +114,10 @@ def run(config: str = "paper", batch: int = 1, rounds: int = 3, seed: int = 0,
   # Counted on the one-step program: XLA counts a loop's body once, and the
   # per-sample loop (pipeline micro_batch) does the same arithmetic. Split over
   # devices, the program's networks hold one device's share of the batch.
-  per_step = batch // devices
-  anon_flops = devices * _flops(functools.partial(anonymize, micro_batch=per_step), nets,
+  anon_flops = devices * _flops(functools.partial(anonymize, micro_batch=per_device), nets,
                                 variables, x, z, noise)
-  rec_flops = devices * _flops(functools.partial(recover, micro_batch=per_step), nets, variables,
-                               anon, hide_bits, noise)
+  rec_flops = devices * _flops(functools.partial(recover, micro_batch=per_device), nets,
+                               variables, anon, hide_bits, noise)
   return dict(
       config=config, size=int(model.size), batch=batch, micro_batch=micro, rounds=rounds,
       dtype=dtype, device=device_name(), devices=devices,
