@@ -8,8 +8,6 @@ import sys
 
 import pytest
 
-from g2face_jax import host_memory
-
 # A fresh process runs one jitted program whose output and temporaries are ~64 MB
 # each, 20 times after 10 warm-up runs, and prints the page faults per run.
 FAULTS_RUN = """
