@@ -121,7 +121,7 @@ def run(config: str = "paper", batch: int = 1, rounds: int = 3, seed: int = 0,
   return dict(
       config=config, size=int(model.size), batch=batch, micro_batch=micro, rounds=rounds,
       dtype=dtype, device=device_name(), devices=devices,
-      reuse_freed_memory=host_memory.applied(),
+      reuse_freed_memory=host_memory.applied(), huge_pages=host_memory.huge_pages_active(),
       anonymize_s_per_img=anon_best / batch, recover_s_per_img=rec_best / batch,
       anonymize_img_per_s=batch / anon_best, recover_img_per_s=batch / rec_best,
       anonymize_compile_s=max(anon_first - anon_best, 0.0),
@@ -164,7 +164,7 @@ def run_train(config: str = "smoke", rounds: int = 3, seed: int = 0) -> dict:
   return dict(
       config=config, size=int(s), global_batch=int(b), devices=jax.device_count(),
       mesh=dict(rt.mesh.shape), rounds=rounds, device=device_name(),
-      reuse_freed_memory=host_memory.applied(),
+      reuse_freed_memory=host_memory.applied(), huge_pages=host_memory.huge_pages_active(),
       train_step_s=best, train_img_per_s=b / best, train_compile_s=compile_s,
       train_gflop_per_step=flops / 1e9, train_gflop_per_s=flops / best / 1e9,
       argument_mb_per_device=memory.argument_size_in_bytes / 2 ** 20 if memory else None,
@@ -212,8 +212,10 @@ def format_result(r: dict) -> str:
         f"  {path:9s} {r[f'{path}_s_per_img'] * 1e3:9.1f} ms/img  {r[f'{path}_img_per_s']:7.2f} img/s"
         f"  {r[f'{path}_gflop_per_img']:7.1f} GFLOP/img  {r[f'{path}_gflop_per_s']:6.1f} GFLOP/s"
         f"  compile {r[f'{path}_compile_s']:6.1f} s")
+  memory = [note for key, note in (("huge_pages", "huge pages"),
+                                    ("reuse_freed_memory", "freed memory reused")) if r[key]]
   lines.append(f"  peak resident memory of the process {r['peak_rss_mb']:.0f} MB"
-               f"{' (freed memory reused)' if r['reuse_freed_memory'] else ''}")
+               f"{' (' + ', '.join(memory) + ')' if memory else ''}")
   return "\n".join(lines)
 
 

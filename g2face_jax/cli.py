@@ -5,6 +5,8 @@ import argparse
 import os
 import sys
 
+from g2face_jax import host_memory
+
 DEFAULT_FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "tests", "fixtures", "official", "official-seed0")
 
@@ -171,7 +173,7 @@ def _eval(args) -> int:
 def _bench(args) -> int:
   import json
 
-  from g2face_jax import bench, cpu_devices, host_memory
+  from g2face_jax import bench, cpu_devices
   if args.cpu_devices is not None and args.devices:
     raise ValueError("--cpu-devices splits this process's CPU; --devices compares fresh "
                      "processes of simulated devices: give one of them")
@@ -451,6 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+  """The `g2face` command; `argv` None: this process's arguments, run with glibc's
+  huge pages (`host_memory.relaunch_with_huge_pages`)."""
+  if argv is None:
+    host_memory.relaunch_with_huge_pages()
   args = build_parser().parse_args(argv)
   try:
     return args.run(args)

@@ -3,13 +3,13 @@ import json
 
 import pytest
 
-from g2face_jax import bench, cli
+from g2face_jax import bench, cli, host_memory
 
 KEYS = {"anonymize_s_per_img", "recover_s_per_img", "batch", "device", "anonymize_img_per_s",
         "recover_img_per_s", "anonymize_compile_s", "recover_compile_s",
         "anonymize_gflop_per_img", "recover_gflop_per_img", "anonymize_gflop_per_s",
         "recover_gflop_per_s", "peak_rss_mb", "dtype", "micro_batch", "devices",
-        "reuse_freed_memory"}
+        "reuse_freed_memory", "huge_pages"}
 
 
 def test_bench_json_on_tiny_config(capsys):
@@ -29,6 +29,7 @@ def test_bench_json_on_tiny_config(capsys):
         record[f"{path}_gflop_per_img"] / record[f"{path}_s_per_img"])
   assert record["peak_rss_mb"] > 0
   assert record["reuse_freed_memory"] is False
+  assert record["huge_pages"] is host_memory.huge_pages_active()
 
 
 def test_micro_batch_is_recorded_and_checked(capsys):
@@ -57,7 +58,7 @@ def test_bad_batch_is_a_one_line_error(capsys):
 
 TRAIN_KEYS = {"train_step_s", "train_img_per_s", "train_compile_s", "train_gflop_per_step",
               "train_gflop_per_s", "argument_mb_per_device", "temp_mb_per_device", "devices",
-              "global_batch", "device", "peak_rss_mb", "reuse_freed_memory"}
+              "global_batch", "device", "peak_rss_mb", "reuse_freed_memory", "huge_pages"}
 
 
 def test_train_bench_json_on_tiny_config(capsys):
