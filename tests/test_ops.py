@@ -245,11 +245,11 @@ def _cpu_and_accelerator_lowerings(fn, *args) -> tuple[str, list[str]]:
           [traced.lower(lowering_platforms=(p,)).as_text() for p in ("tpu", "cuda")])
 
 
-@pytest.mark.parametrize("shape,matmuls", [((1, 16, 16, 256), True), ((1, 64, 64, 128), False),
+@pytest.mark.parametrize("shape,matmuls", [((1, 16, 16, 128), True), ((1, 64, 64, 64), False),
                                            ((1, 8, 8, 256), False), ((4, 8, 8, 256), True),
                                            ((1, 10, 9, 256), False)])
 def test_3x3_convs_take_winograd_on_cpu(shape, matmuls):
-  """3x3 convs with even sides on >= 256 channels over >= 64 output tiles lower to
+  """3x3 convs with even sides on >= 128 channels over >= 64 output tiles lower to
   Winograd matmuls on CPU; the others stay `lax.conv`, as they do on accelerators.
   All match a float64 loop."""
   x = RNG.standard_normal(shape).astype(np.float32)
@@ -263,10 +263,11 @@ def test_3x3_convs_take_winograd_on_cpu(shape, matmuls):
 
 @pytest.mark.parametrize("shape,form", [((1, 128, 128, 128), "winograd"),
                                         ((4, 64, 64, 128), "winograd"),
-                                        ((1, 64, 64, 128), "taps"),
+                                        ((1, 64, 64, 128), "winograd"),
+                                        ((1, 32, 32, 128), "taps"),
                                         ((1, 130, 126, 128), "taps")])
 def test_large_4x4_stride2_convs_take_winograd_on_cpu(shape, form):
-  """4x4 stride-2 convs with even output sides over >= 1024 output tiles lower to
+  """4x4 stride-2 convs with even output sides over >= 256 output tiles lower to
   F(2x2, 2x2) on CPU (9 dots), smaller or odd ones to the folded taps (4 dots);
   accelerators keep `lax.conv`. Both match a float64 loop."""
   x = RNG.standard_normal(shape).astype(np.float32)

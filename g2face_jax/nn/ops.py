@@ -368,27 +368,33 @@ def conv4x4_stride2_winograd(x: jax.Array, w: jax.Array, padding, precision=None
 
 
 # When `conv_general_dilated` lowers for CPU, some convolution shapes run as
-# matmuls, from what XLA's CPU convolutions measured against them on 2 AVX2 cores
-# (single convolutions, batch 1, ms):
+# matmuls, from what XLA's CPU convolutions measured against them (single
+# convolutions, batch 1, ms; "AVX2": 2 AVX2-only cores, "AVX-512": 2 AVX-512
+# EPYC cores). The rules favour the AVX-512 figures where the two disagree,
+# since they lose little on AVX2:
 # - 4x4 stride-2 kernels on >= 128 input channels with even output sides over
-#   >= 1024 output tiles of 2x2 (`conv4x4_stride2_winograd`): 256x256 128->256
-#   182 against 205 for the taps form below, 128x128 256->512 103 against 187;
-#   with fewer tiles the 2.25x larger transformed kernel costs more than it saves
-#   (64x64 512->512: 79 / 84, 32x32: 39 / 22).
+#   >= 256 output tiles of 2x2 (`conv4x4_stride2_winograd`), against the taps
+#   form below: 256x256 128->256 182 against 205 (AVX2), 78 against 100
+#   (AVX-512); 128x128 256->512 103 against 187, 63 against 96; 64x64 512->512
+#   (256 tiles) 32 against 46 (AVX-512) but about 6% slower (AVX2: 84 / 79);
+#   with 64 tiles (32x32 in) the 2.25x larger transformed kernel costs more than
+#   it saves (39 against 22, 17 against 13).
 # - other stride-2 even kernels on >= 128 input channels (`conv2d_stride2_taps`):
 #   the pyramid encoder's 4x4 convs + instance norm + lReLU took 247 against 348
-#   ms at 256x256 128->256 and 72 against 98 ms at 64x64 512->512; with 64 input
-#   channels they lose (256x256 64->128: 70 against 46 ms).
-# - 3x3 padding-1 stride-1 kernels on >= 256 input channels over >= 64 output
-#   tiles (`conv3x3_winograd`): 128x128 256->256 136 against 176, 64x64 512->512
-#   115 against 164, 32x32 512->512 23 against 47, 16x16 8 against 13; with 16
-#   tiles (8x8) it is even or loses, and with 128 channels it loses (256x256:
-#   207 against 202).
+#   ms at 256x256 128->256 and 72 against 98 ms at 64x64 512->512 (AVX2); with 64
+#   input channels they lose (256x256 64->128: 70 against 46 ms).
+# - 3x3 padding-1 stride-1 kernels on >= 128 input channels over >= 64 output
+#   tiles (`conv3x3_winograd`): 128x128 256->256 136 against 176 (AVX2), 56 to 64
+#   against 95 (AVX-512); 64x64 512->512 115 against 164, 46 against 93; 32x32
+#   512->512 23 against 47; 16x16 8 against 13; with 128 channels 256x256 76 to 80
+#   against 96 and 128x128 17 against 24 (AVX-512), but 207 against 202 at
+#   256x256 (AVX2); with 16 tiles (8x8) it is even or loses, and with 64 channels
+#   it is even (256x256: 24 against 24, AVX-512).
 # Other platforms keep `lax.conv`.
 _MATMUL_MIN_IN_FEATURES = 128
-_WINOGRAD3_MIN_IN_FEATURES = 256
+_WINOGRAD3_MIN_IN_FEATURES = 128
 _WINOGRAD3_MIN_TILES = 64
-_WINOGRAD_STRIDE2_MIN_TILES = 1024
+_WINOGRAD_STRIDE2_MIN_TILES = 256
 
 
 def _cpu_matmul_form(x_shape, w_shape, strides, padding):
