@@ -376,9 +376,9 @@ def conv4x4_stride2_winograd(x: jax.Array, w: jax.Array, padding, precision=None
 #   >= 256 output tiles of 2x2 (`conv4x4_stride2_winograd`), against the taps
 #   form below: 256x256 128->256 182 against 205 (AVX2), 78 against 100
 #   (AVX-512); 128x128 256->512 103 against 187, 63 against 96; 64x64 512->512
-#   (256 tiles) 32 against 46 (AVX-512) but about 6% slower (AVX2: 84 / 79);
-#   with 64 tiles (32x32 in) the 2.25x larger transformed kernel costs more than
-#   it saves (39 against 22, 17 against 13).
+#   (256 tiles) 32 against 46 (AVX-512), where the AVX2 record (79 / 84) counted
+#   it a loss; with 64 tiles (32x32 in) the 2.25x larger transformed kernel costs
+#   more than it saves (39 against 22, 17 against 13).
 # - other stride-2 even kernels on >= 128 input channels (`conv2d_stride2_taps`):
 #   the pyramid encoder's 4x4 convs + instance norm + lReLU took 247 against 348
 #   ms at 256x256 128->256 and 72 against 98 ms at 64x64 512->512 (AVX2); with 64
