@@ -24,6 +24,13 @@ accumulation (see `decoder.Decoder`), a faster approximation where the CPU has
 bfloat16 matmul units. Variables, inputs and outputs stay float32 either way;
 `analyze` (ArcFace, 3DMM) and the small mapping networks always run in float32.
 
+Every stage computes its float32 matmuls and convolutions in full float32
+(JAX's 'highest' precision): JAX's default lets GPUs round their operands to
+TF32 (10-bit mantissa) and TPUs to bfloat16, which moves the outputs far beyond
+the official code's. A caller that sets `jax.default_matmul_precision` (or the
+`jax_default_matmul_precision` option) gets its own choice instead, e.g.
+'tensorfloat32' for speed on GPUs.
+
 `micro_batch` (every stage): samples per step of a loop over the batch inside
 the jitted program (`jax.lax.map`). Every network runs per sample at test time
 (evaluation-mode BatchNorm, per-sample InstanceNorm), so the results do not
@@ -80,6 +87,17 @@ def in_dtype(nets: Networks, dtype: str) -> Networks:
     return nets
   return dataclasses.replace(nets, decoder=nets.decoder.clone(dtype=dtype),
                              extractor=nets.extractor.clone(dtype=dtype))
+
+
+def _float32_matmuls(fn):
+  """`fn` traced at 'highest' matmul/conv precision unless the caller has set one."""
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    if jax.config.jax_default_matmul_precision is not None:
+      return fn(*args, **kwargs)
+    with jax.default_matmul_precision("highest"):
+      return fn(*args, **kwargs)
+  return traced
 
 
 def default_micro_batch() -> int | None:
@@ -145,6 +163,7 @@ def _styles(nets: Networks, variables: Variables, identity: jax.Array,
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames="micro_batch")
+@_float32_matmuls
 def analyze(nets: Networks, variables: Variables, x: jax.Array,
             micro_batch: int | None = None) -> dict[str, jax.Array]:
   """x (B,S,S,3) in [-1,1] -> arc_id (B,512) ArcFace identity, coeff (B,257) 3DMM coefficients."""
@@ -155,6 +174,7 @@ def analyze(nets: Networks, variables: Variables, x: jax.Array,
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("dtype", "micro_batch"))
+@_float32_matmuls
 def anonymize(nets: Networks, variables: Variables, x: jax.Array, coeff: jax.Array, z: jax.Array,
               hide_bits: jax.Array, noise: Sequence[jax.Array], dtype: str = "float32",
               micro_batch: int | None = None) -> dict[str, jax.Array]:
@@ -175,6 +195,7 @@ def anonymize(nets: Networks, variables: Variables, x: jax.Array, coeff: jax.Arr
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("dtype", "micro_batch"))
+@_float32_matmuls
 def extract_identity(nets: Networks, variables: Variables, anon: jax.Array,
                      dtype: str = "float32", micro_batch: int | None = None) -> dict[str, jax.Array]:
   """anon (B,S,S,3) -> logits (B,512,32), bits in {0,1} and the officially decoded identity (B,512)."""
@@ -186,6 +207,7 @@ def extract_identity(nets: Networks, variables: Variables, anon: jax.Array,
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("dtype", "micro_batch"))
+@_float32_matmuls
 def restore(nets: Networks, variables: Variables, anon: jax.Array, identity: jax.Array,
             hide_bits: jax.Array, noise: Sequence[jax.Array], dtype: str = "float32",
             micro_batch: int | None = None) -> dict[str, jax.Array]:
@@ -201,6 +223,7 @@ def restore(nets: Networks, variables: Variables, anon: jax.Array, identity: jax
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("dtype", "micro_batch"))
+@_float32_matmuls
 def official_anonymize(nets: Networks, variables: Variables, x: jax.Array, z: jax.Array,
                        noise: Sequence[jax.Array], dtype: str = "float32",
                        micro_batch: int | None = None) -> dict[str, jax.Array]:
@@ -216,6 +239,7 @@ def official_anonymize(nets: Networks, variables: Variables, x: jax.Array, z: ja
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("dtype", "micro_batch"))
+@_float32_matmuls
 def official_recover(nets: Networks, variables: Variables, anon: jax.Array, hide_bits: jax.Array,
                      noise: Sequence[jax.Array], dtype: str = "float32",
                      micro_batch: int | None = None) -> dict[str, jax.Array]:

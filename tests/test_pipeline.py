@@ -1,5 +1,8 @@
 """The anonymize / recover pipeline against the official pipeline fixture, and its
 composition on the tiny config."""
+import re
+
+import jax
 import numpy as np
 import pytest
 
@@ -73,7 +76,7 @@ def test_micro_batch_loop_gives_the_whole_batch_result(tiny):
     return out
 
   whole = stages(4)
-  assert pipeline.default_micro_batch() == 1
+  assert pipeline.default_micro_batch() == (1 if jax.default_backend() == "cpu" else None)
   for micro in (None, 2):  # None is 1 on CPU (asserted above)
     out = stages(micro)
     for key in ("arc_id", "coeff", "style", "anon", "logits", "coeff_anon", "recovered"):
@@ -84,3 +87,25 @@ def test_micro_batch_loop_gives_the_whole_batch_result(tiny):
     pipeline.analyze(nets, variables, x4, micro_batch=3)
   with pytest.raises(ValueError, match="micro_batch must be >= 1"):
     pipeline.analyze(nets, variables, x4, micro_batch=0)
+
+
+def _precisions(lowered_text: str) -> list[str]:
+  """The precision of every dot_general and convolution of a StableHLO module ('' when unset)."""
+  ops = re.findall(r"stablehlo\.(?:dot_general|convolution)[^\n]*", lowered_text)
+  return [(re.search(r"precision(?:_config)? = \[(?:#stablehlo<precision )?(\w+)", op) or
+           re.search("()", "")).group(1) for op in ops]
+
+
+def test_official_paths_compute_in_full_float32_unless_the_caller_sets_a_precision(tiny):
+  """JAX's default precision lets GPUs round float32 operands to TF32 (and TPUs to
+  bfloat16); the pipeline asks for 'highest' on every matmul and convolution, and a
+  caller's own `jax.default_matmul_precision` wins."""
+  nets, variables, x, z, noise = tiny
+  with jax.default_matmul_precision(None):  # conftest sets 'highest' for the whole run
+    own = _precisions(pipeline.official_anonymize.trace(nets, variables, x, z, noise)
+                      .lower(lowering_platforms=("cuda",)).as_text())
+    with jax.default_matmul_precision("tensorfloat32"):
+      tf32 = _precisions(pipeline.official_recover.trace(nets, variables, x, payload.float_to_bits(z), noise)
+                         .lower(lowering_platforms=("cuda",)).as_text())
+  assert len(own) > 10 and set(own) == {"HIGHEST"}, sorted(set(own))
+  assert len(tf32) > 10 and "HIGHEST" not in tf32, sorted(set(tf32))
