@@ -3,7 +3,8 @@
 `run(config, batch, dtype=...)` builds every network of the config with fresh
 variables (`models.init_variables`), times `pipeline.official_anonymize` and
 `pipeline.official_recover` in the compute dtype (float32, the official
-computation, or bfloat16) on random crops and returns one flat dict:
+computation, or bfloat16) and matmul precision (float32, or TF32 on GPUs) on
+random crops and returns one flat dict:
 compile time apart from run time (the first call compiles), the best steady
 run of `rounds`, seconds and images per second per image, XLA's FLOP count of
 each path (`Lowered.cost_analysis`) and the achieved GFLOP/s, the process's
@@ -77,13 +78,25 @@ def _flops(fn: Callable, *args) -> float:
 
 
 def run(config: str = "paper", batch: int = 1, rounds: int = 3, seed: int = 0,
-        dtype: str = "float32", micro_batch: int | None = None) -> dict:
+        dtype: str = "float32", micro_batch: int | None = None,
+        matmul_precision: str = "float32") -> dict:
   """Bench one configuration; returns a flat dict (seconds, GFLOP, MB; see the module doc).
 
   `micro_batch`: faces per step of the pipeline's loop over the batch (None: the
   pipeline default, 1 on CPU); the record holds the value used, and `devices`
   the number of devices sharing the batch (`pipeline.data_parallel_devices`).
+  `matmul_precision`: 'float32' (the pipeline's own) or 'tensorfloat32' (TF32 on GPUs).
   """
+  if matmul_precision not in ("float32", "tensorfloat32"):
+    raise ValueError(f"--matmul-precision '{matmul_precision}': choose float32 or tensorfloat32")
+  if matmul_precision == "float32":  # the pipeline's own
+    return _run(config, batch, rounds, seed, dtype, micro_batch, matmul_precision)
+  with jax.default_matmul_precision(matmul_precision):
+    return _run(config, batch, rounds, seed, dtype, micro_batch, matmul_precision)
+
+
+def _run(config: str, batch: int, rounds: int, seed: int, dtype: str,
+         micro_batch: int | None, matmul_precision: str) -> dict:
   if batch < 1 or rounds < 1:
     raise ValueError(f"batch and rounds must be >= 1, got batch={batch}, rounds={rounds}")
   if dtype not in pipeline.DTYPES:
@@ -120,7 +133,7 @@ def run(config: str = "paper", batch: int = 1, rounds: int = 3, seed: int = 0,
                                variables, anon, hide_bits, noise)
   return dict(
       config=config, size=int(model.size), batch=batch, micro_batch=micro, rounds=rounds,
-      dtype=dtype, device=device_name(), devices=devices,
+      dtype=dtype, matmul_precision=matmul_precision, device=device_name(), devices=devices,
       reuse_freed_memory=host_memory.applied(), huge_pages=host_memory.huge_pages_active(),
       anonymize_s_per_img=anon_best / batch, recover_s_per_img=rec_best / batch,
       anonymize_img_per_s=batch / anon_best, recover_img_per_s=batch / rec_best,
@@ -206,7 +219,8 @@ def format_result(r: dict) -> str:
   """A few human-readable lines for one `run` result."""
   share = f" on {r['devices']} devices" if r["devices"] > 1 else ""
   lines = [f"{r['config']} ({r['size']}x{r['size']}), batch {r['batch']}{share} "
-           f"({r['micro_batch']} per step), {r['dtype']}, best of {r['rounds']}, {r['device']}"]
+           f"({r['micro_batch']} per step), {r['dtype']}, {r['matmul_precision']} matmuls, "
+           f"best of {r['rounds']}, {r['device']}"]
   for path in ("anonymize", "recover"):
     lines.append(
         f"  {path:9s} {r[f'{path}_s_per_img'] * 1e3:9.1f} ms/img  {r[f'{path}_img_per_s']:7.2f} img/s"

@@ -1,6 +1,8 @@
 """`g2face bench`: the JSON record the tracking reads (keys and sanity, not timings)."""
+import argparse
 import json
 
+import jax
 import pytest
 
 from g2face_jax import bench, cli, host_memory
@@ -9,7 +11,7 @@ KEYS = {"anonymize_s_per_img", "recover_s_per_img", "batch", "device", "anonymiz
         "recover_img_per_s", "anonymize_compile_s", "recover_compile_s",
         "anonymize_gflop_per_img", "recover_gflop_per_img", "anonymize_gflop_per_s",
         "recover_gflop_per_s", "peak_rss_mb", "dtype", "micro_batch", "devices",
-        "reuse_freed_memory", "huge_pages"}
+        "reuse_freed_memory", "huge_pages", "matmul_precision"}
 
 
 def test_bench_json_on_tiny_config(capsys):
@@ -20,6 +22,7 @@ def test_bench_json_on_tiny_config(capsys):
   assert KEYS <= set(record)
   assert record["batch"] == 1 and record["config"] == "tiny" and record["size"] == 32
   assert record["dtype"] == "float32" and record["micro_batch"] == 1 and record["devices"] == 1
+  assert record["matmul_precision"] == "float32"
   assert record["device"].startswith("cpu")
   for path in ("anonymize", "recover"):
     assert record[f"{path}_s_per_img"] > 0
@@ -90,3 +93,24 @@ def test_dtype_with_train_is_a_one_line_error(capsys):
   assert cli.main(["bench", "--train", "--config", "tiny", "--dtype", "bfloat16"]) == 2
   err = capsys.readouterr().err.strip()
   assert "train.compute_dtype" in err and "\n" not in err
+
+
+def test_bench_tensorfloat32_record(capsys):
+  assert cli.main(["bench", "--config", "tiny", "--rounds", "1", "--matmul-precision",
+                   "tensorfloat32", "--json"]) == 0
+  record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert record["matmul_precision"] == "tensorfloat32" and KEYS <= set(record)
+  assert cli.main(["bench", "--train", "--config", "tiny", "--matmul-precision",
+                   "tensorfloat32"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "--matmul-precision" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("option, seen", [("float32", "highest"), ("tensorfloat32", "tensorfloat32")])
+def test_commands_run_at_their_matmul_precision(option, seen):
+  """--matmul-precision float32 leaves the precision to the pipeline ('highest' here,
+  from conftest; 'highest' inside the pipeline anyway); tensorfloat32 sets JAX's."""
+  got = []
+  args = argparse.Namespace(matmul_precision=option,
+                            run=lambda a: got.append(jax.config.jax_default_matmul_precision) or 0)
+  assert cli._run(args) == 0 and got == [seen]
