@@ -52,6 +52,7 @@ def _keygen(args) -> int:
 
 def _photo_tool(args, operation: str):
   from g2face_jax import anonymizer, keys
+  _use_compile_cache(args)
   tool = anonymizer.Anonymizer(args.bundle, keys.load(args.key),
                                identity=getattr(args, "identity", "consistent"),
                                codec=args.codec, layout=getattr(args, "layout", "float"))
@@ -204,6 +205,20 @@ def _bench(args) -> int:
   return 0
 
 
+def _compile_cache_argument(p) -> None:
+  p.add_argument("--compile-cache", default=os.environ.get(
+      "G2FACE_COMPILE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "g2face_jax", "xla")),
+                 help="persistent XLA compilation cache, where later runs find what earlier "
+                 "ones compiled ('' to disable; default: $G2FACE_COMPILE_CACHE or "
+                 "~/.cache/g2face_jax/xla)")
+
+
+def _use_compile_cache(args) -> None:
+  if args.compile_cache:
+    import jax
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(args.compile_cache))
+
+
 def _train(args) -> int:
   from g2face_jax import config as config_lib
   from g2face_jax.train import export, loop
@@ -214,9 +229,7 @@ def _train(args) -> int:
   if args.distributed or explicit[0] is not None:
     from g2face_jax.train import runtime
     runtime.initialize_distributed(*explicit)
-  if args.compile_cache:
-    import jax
-    jax.config.update("jax_compilation_cache_dir", os.path.abspath(args.compile_cache))
+  _use_compile_cache(args)
   export.save_config_spec(args.workdir, args.config)
   summary = loop.train(config, args.workdir)
   return 0 if summary["end_step"] >= config.train.num_steps or summary["stopped_by_signal"] else 1
@@ -273,6 +286,7 @@ def _photo_arguments(p, inputs: bool = True) -> None:
   p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
   p.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
   _matmul_precision_argument(p)
+  _compile_cache_argument(p)
 
 
 def _video_arguments(p, anonymize: bool) -> None:
@@ -419,9 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--config", default="configs/g2face.py:smoke",
                  help="config spec FILE.py:VARIANT[,key=value...] (default: the CPU smoke run)")
   p.add_argument("--workdir", required=True, help="folder for checkpoints, metrics and samples")
-  p.add_argument("--compile-cache", default=os.path.join(os.path.expanduser("~"), ".cache",
-                                                         "g2face_jax", "xla"),
-                 help="persistent XLA compilation cache ('' to disable)")
+  _compile_cache_argument(p)
   p.add_argument("--distributed", action="store_true",
                  help="multi-host run: join the other processes (jax.distributed, cluster "
                  "detected on Cloud TPU VMs, SLURM and Open MPI); run the same command on "

@@ -7,6 +7,8 @@ import os
 # 6.7 s). XLA's own graph optimisations, which decide the numerics, are unchanged. Set
 # before JAX starts its backend; subprocesses of the tests inherit it.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+# The commands' persistent compilation cache stays off unless a test names a folder.
+os.environ["G2FACE_COMPILE_CACHE"] = ""
 
 import jax  # noqa: E402
 import numpy as np

@@ -9,6 +9,8 @@ perfect one that returns the hidden bits (the rest of the road back is real).
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -61,6 +63,28 @@ def _run(capsys, *argv):
   out, err = capsys.readouterr()
   assert "Traceback" not in out + err
   return code, out, err
+
+
+def test_commands_keep_compiled_programs_in_the_compile_cache(tmp_path, bundle_dir, key_file):
+  """A second run loads what the first compiled from --compile-cache and writes the
+  same bytes (fresh processes: JAX reads its cache folder once per process)."""
+  cache = tmp_path / "xla"
+  outputs = []
+  for run in ("first", "second"):
+    done = subprocess.run(
+        [sys.executable, "-m", "g2face_jax.cli", "anonymize", GROUP, "--bundle", bundle_dir,
+         "--key", key_file, "--out", str(tmp_path / run), "--compile-cache", str(cache)],
+        capture_output=True, text=True,
+        env=dict(os.environ, JAX_DEBUG_LOG_MODULES="jax._src.compiler",  # logs cache hits
+                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0"))  # the tiny programs too
+    assert done.returncode == 0, done.stderr[-2000:]
+    outputs.append(open(tmp_path / run / "group_photo.png", "rb").read())
+    hits = done.stderr.count("Persistent compilation cache hit")
+    if run == "first":
+      entries = sorted(os.listdir(cache))
+      assert entries and hits == 0
+  assert hits >= len(entries) and sorted(os.listdir(cache)) == entries
+  assert outputs[0] == outputs[1]
 
 
 def _with_exif(src, dst):
