@@ -18,6 +18,7 @@ CPU devices (`--xla_force_host_platform_device_count`).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -89,9 +90,9 @@ def run(config: str = "paper", batch: int = 1, rounds: int = 3, seed: int = 0,
   """
   if matmul_precision not in ("float32", "tensorfloat32"):
     raise ValueError(f"--matmul-precision '{matmul_precision}': choose float32 or tensorfloat32")
-  if matmul_precision == "float32":  # the pipeline's own
-    return _run(config, batch, rounds, seed, dtype, micro_batch, matmul_precision)
-  with jax.default_matmul_precision(matmul_precision):
+  precision = (contextlib.nullcontext() if matmul_precision == "float32"  # the pipeline's own
+               else jax.default_matmul_precision(matmul_precision))
+  with precision:
     return _run(config, batch, rounds, seed, dtype, micro_batch, matmul_precision)
 
 
