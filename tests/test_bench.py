@@ -106,7 +106,8 @@ def test_bench_tensorfloat32_record(capsys):
   assert "--matmul-precision" in err and "\n" not in err
 
 
-@pytest.mark.parametrize("option, seen", [("float32", "highest"), ("tensorfloat32", "tensorfloat32")])
+@pytest.mark.parametrize("option, seen",
+                         [("float32", "highest"), ("tensorfloat32", "tensorfloat32")])
 def test_commands_run_at_their_matmul_precision(option, seen):
   """--matmul-precision float32 leaves the precision to the pipeline ('highest' here,
   from conftest; 'highest' inside the pipeline anyway); tensorfloat32 sets JAX's."""

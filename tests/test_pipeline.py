@@ -105,7 +105,8 @@ def test_official_paths_compute_in_full_float32_unless_the_caller_sets_a_precisi
     own = _precisions(pipeline.official_anonymize.trace(nets, variables, x, z, noise)
                       .lower(lowering_platforms=("cuda",)).as_text())
     with jax.default_matmul_precision("tensorfloat32"):
-      tf32 = _precisions(pipeline.official_recover.trace(nets, variables, x, payload.float_to_bits(z), noise)
+      bits = payload.float_to_bits(z)
+      tf32 = _precisions(pipeline.official_recover.trace(nets, variables, x, bits, noise)
                          .lower(lowering_platforms=("cuda",)).as_text())
   assert len(own) > 10 and set(own) == {"HIGHEST"}, sorted(set(own))
   assert len(tf32) > 10 and "HIGHEST" not in tf32, sorted(set(tf32))
