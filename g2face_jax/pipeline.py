@@ -89,8 +89,9 @@ def in_dtype(nets: Networks, dtype: str) -> Networks:
                              extractor=nets.extractor.clone(dtype=dtype))
 
 
-def _float32_matmuls(fn):
-  """`fn` traced at 'highest' matmul/conv precision unless the caller has set one."""
+def float32_matmuls(fn):
+  """`fn` traced at 'highest' matmul/conv precision unless the caller has set one
+  (every stage here; wrap any other jitted function that computes official outputs)."""
   @functools.wraps(fn)
   def traced(*args, **kwargs):
     if jax.config.jax_default_matmul_precision is not None:
@@ -163,7 +164,7 @@ def _styles(nets: Networks, variables: Variables, identity: jax.Array,
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames="micro_batch")
-@_float32_matmuls
+@float32_matmuls
 def analyze(nets: Networks, variables: Variables, x: jax.Array,
             micro_batch: int | None = None) -> dict[str, jax.Array]:
   """x (B,S,S,3) in [-1,1] -> arc_id (B,512) ArcFace identity, coeff (B,257) 3DMM coefficients."""
@@ -174,7 +175,7 @@ def analyze(nets: Networks, variables: Variables, x: jax.Array,
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("dtype", "micro_batch"))
-@_float32_matmuls
+@float32_matmuls
 def anonymize(nets: Networks, variables: Variables, x: jax.Array, coeff: jax.Array, z: jax.Array,
               hide_bits: jax.Array, noise: Sequence[jax.Array], dtype: str = "float32",
               micro_batch: int | None = None) -> dict[str, jax.Array]:
@@ -195,7 +196,7 @@ def anonymize(nets: Networks, variables: Variables, x: jax.Array, coeff: jax.Arr
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("dtype", "micro_batch"))
-@_float32_matmuls
+@float32_matmuls
 def extract_identity(nets: Networks, variables: Variables, anon: jax.Array,
                      dtype: str = "float32", micro_batch: int | None = None) -> dict[str, jax.Array]:
   """anon (B,S,S,3) -> logits (B,512,32), bits in {0,1} and the officially decoded identity (B,512)."""
@@ -207,7 +208,7 @@ def extract_identity(nets: Networks, variables: Variables, anon: jax.Array,
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("dtype", "micro_batch"))
-@_float32_matmuls
+@float32_matmuls
 def restore(nets: Networks, variables: Variables, anon: jax.Array, identity: jax.Array,
             hide_bits: jax.Array, noise: Sequence[jax.Array], dtype: str = "float32",
             micro_batch: int | None = None) -> dict[str, jax.Array]:
@@ -223,7 +224,7 @@ def restore(nets: Networks, variables: Variables, anon: jax.Array, identity: jax
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("dtype", "micro_batch"))
-@_float32_matmuls
+@float32_matmuls
 def official_anonymize(nets: Networks, variables: Variables, x: jax.Array, z: jax.Array,
                        noise: Sequence[jax.Array], dtype: str = "float32",
                        micro_batch: int | None = None) -> dict[str, jax.Array]:
@@ -239,7 +240,7 @@ def official_anonymize(nets: Networks, variables: Variables, x: jax.Array, z: ja
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("dtype", "micro_batch"))
-@_float32_matmuls
+@float32_matmuls
 def official_recover(nets: Networks, variables: Variables, anon: jax.Array, hide_bits: jax.Array,
                      noise: Sequence[jax.Array], dtype: str = "float32",
                      micro_batch: int | None = None) -> dict[str, jax.Array]:

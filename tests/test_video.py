@@ -12,6 +12,7 @@ import json
 import os
 
 import cv2
+import jax
 import numpy as np
 import pytest
 
@@ -20,7 +21,9 @@ from g2face_jax import video
 from g2face_jax.video import anonymize as video_anonymize
 from g2face_jax.video import io
 
+from conftest import random_variables
 from test_anonymizer import PerfectExtractor, _run
+from test_pipeline import _precisions
 from test_video_io import write_audio_only
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
@@ -296,3 +299,15 @@ def test_a_cut_video_gives_what_could_be_read(capsys, tmp_path, clip, bundle_dir
   for a, o in zip(out, _frames(clip)):
     outside = _outside(video_stamp, a.index, a.rgb.shape)
     np.testing.assert_array_equal(a.rgb[outside], o.rgb[outside])
+
+
+def test_track_identities_are_computed_in_full_float32(tiny_config):
+  """A track's ArcFace identity is hidden and turned into z: an official output, so its
+  matmuls and convolutions run at 'highest' as the pipeline's (lowered for a GPU here)."""
+  nets = pipeline.Networks.from_config(tiny_config.model)
+  variables = random_variables(tiny_config.model, ("arcface",))
+  x = np.zeros((1, tiny_config.model.size, tiny_config.model.size, 3), np.float32)
+  with jax.default_matmul_precision(None):  # conftest sets 'highest' for the whole run
+    lowered = video_anonymize._arcface.trace(nets, variables, x).lower(lowering_platforms=("cuda",))
+  precisions = _precisions(lowered.as_text())
+  assert len(precisions) > 5 and set(precisions) == {"HIGHEST"}, sorted(set(precisions))

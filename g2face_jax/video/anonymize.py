@@ -99,6 +99,7 @@ def _progress(opts: Options, desc: str, total: int):
 
 
 @functools.partial(jax.jit, static_argnums=0)
+@pipeline.float32_matmuls
 def _arcface(nets: pipeline.Networks, variables, x):
   """x (B,S,S,3) in [-1,1] -> (B,512) ArcFace identities (only; no 3DMM)."""
   return nets.arcface.apply(variables["arcface"], x)
