@@ -233,11 +233,27 @@ def test_conv4x4_stride2_winograd_matches_numpy(padding):
     ops.conv4x4_stride2_winograd(x[:, :6], w, ((1, 1), (1, 1)))
 
 
-def test_conv3x3_winograd_matches_numpy():
-  x = RNG.standard_normal((2, 6, 8, 5)).astype(np.float32)
-  w = RNG.standard_normal((3, 3, 5, 7)).astype(np.float32)
+@pytest.mark.parametrize("transform,shape,atol", [("WINOGRAD_F2_3", (2, 6, 8, 5), 1e-5),
+                                                 ("WINOGRAD_F4_3", (2, 8, 12, 5), 2e-5)])
+def test_conv3x3_winograd_matches_numpy(transform, shape, atol):
+  """F(2x2, 3x3) and F(4x4, 3x3) against a float64 loop, to float32 rounding."""
+  x = RNG.standard_normal(shape).astype(np.float32)
+  w = RNG.standard_normal((3, 3, shape[3], 7)).astype(np.float32)
   ref = conv_numpy(x, w, 1, 1)
-  np.testing.assert_allclose(ops.conv3x3_winograd(x, w), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+  got = ops.conv3x3_winograd(x, w, transform=getattr(ops, transform))
+  np.testing.assert_allclose(got, ref, rtol=0, atol=atol * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("transform", ["WINOGRAD_F2_3", "WINOGRAD_F2_2", "WINOGRAD_F4_3"])
+def test_winograd_transforms_compute_the_correlation(transform):
+  """A^T [(G g) * (B^T d)] is the valid correlation of d by g for every (d, g),
+  checked in float64 on the basis vectors: the transform triples are exact."""
+  bt, g, at = (np.asarray(m, np.float64) for m in getattr(ops, transform))
+  m, r = at.shape[0], g.shape[1]
+  for d in np.eye(m + r - 1):
+    for k in np.eye(r):
+      want = np.array([d[i:i + r] @ k for i in range(m)])
+      np.testing.assert_allclose(at @ ((g @ k) * (bt @ d)), want, rtol=0, atol=1e-12)
 
 
 def _cpu_and_accelerator_lowerings(fn, *args) -> tuple[str, list[str]]:
@@ -262,6 +278,22 @@ def test_3x3_convs_take_winograd_on_cpu(shape, matmuls):
   assert all("convolution" in text for text in accelerators)
 
 
+@pytest.mark.parametrize("shape,dots", [((1, 64, 64, 256), 36), ((4, 32, 32, 256), 36),
+                                        ((1, 32, 32, 256), 16), ((1, 64, 64, 128), 16),
+                                        ((1, 66, 66, 256), 16)])
+def test_wide_3x3_convs_over_many_tiles_take_winograd_f4_on_cpu(shape, dots):
+  """3x3 convs on >= 256 channels with sides multiples of 4 over >= 256 tiles of 4x4
+  lower to F(4x4, 3x3) on CPU (36 dots); the rest of the Winograd ones to F(2x2, 3x3)
+  (16 dots). Both match a float64 loop."""
+  x = RNG.standard_normal(shape).astype(np.float32)
+  w = (RNG.standard_normal((3, 3, shape[3], 2)) / np.sqrt(9 * shape[3])).astype(np.float32)
+  ref = conv_numpy(x, w, 1, 1)
+  np.testing.assert_allclose(ops.conv2d(x, w, 1, 1), ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+  cpu, _ = _cpu_and_accelerator_lowerings(lambda x, w: ops.conv2d(x, w, 1, 1), x, w)
+  assert "convolution" not in cpu
+  assert cpu.count("stablehlo.dot_general") == dots
+
+
 @pytest.mark.parametrize("shape,form", [((1, 128, 128, 128), "winograd"),
                                         ((4, 64, 64, 128), "winograd"),
                                         ((1, 64, 64, 128), "winograd"),
@@ -281,8 +313,8 @@ def test_large_4x4_stride2_convs_take_winograd_on_cpu(shape, form):
   assert all("convolution" in text for text in accelerators)
 
 
-@pytest.mark.parametrize("form,kernel,stride", [("winograd", 3, 1), ("taps", 4, 2),
-                                                ("winograd_stride2", 4, 2)])
+@pytest.mark.parametrize("form,kernel,stride", [("winograd", 3, 1), ("winograd4", 3, 1),
+                                                ("taps", 4, 2), ("winograd_stride2", 4, 2)])
 def test_matmul_forms_have_lax_conv_gradients(form, kernel, stride):
   """Training through the CPU matmul forms: their gradients (input and kernel) are
   `lax.conv`'s."""
@@ -290,6 +322,7 @@ def test_matmul_forms_have_lax_conv_gradients(form, kernel, stride):
   w = jnp.asarray(RNG.standard_normal((kernel, kernel, 4, 3)), jnp.float32)
   cotangent = jnp.asarray(RNG.standard_normal((2, 8 // stride, 12 // stride, 3)), jnp.float32)
   fast = {"winograd": ops.conv3x3_winograd,
+          "winograd4": lambda x, w: ops.conv3x3_winograd(x, w, transform=ops.WINOGRAD_F4_3),
           "taps": lambda x, w: ops.conv2d_stride2_taps(x, w, ((1, 1), (1, 1))),
           "winograd_stride2": lambda x, w: ops.conv4x4_stride2_winograd(x, w, ((1, 1), (1, 1)))
           }[form]

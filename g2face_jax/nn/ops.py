@@ -290,14 +290,24 @@ def conv2d_stride2_taps(x: jax.Array, w: jax.Array, padding, precision=None) -> 
 
 
 # Winograd transforms (Lavin & Gray, 2016) as (B^T, G, A^T) for F(m x m, r x r):
-# input tiles of n = m + r - 1, output tiles of m. Every coefficient is exact in
-# binary floating point, and both sets keep float32 rounding at about 2e-6.
+# input tiles of n = m + r - 1, output tiles of m. In F(2x2, 3x3) and F(2x2, 2x2)
+# every coefficient is exact in binary floating point and float32 rounding stays
+# at about 1e-6 of the output's largest value. F(4x4, 3x3) interpolates at 0, 1,
+# -1, 1/2, -2 and infinity, the points Barabasz et al. (2020) found most accurate
+# for it: 5.6e-6 against 1.4e-5 with Lavin & Gray's 0, +-1, +-2 (a 64x64 256->256
+# convolution against float64); its input and output transforms are still exact.
 WINOGRAD_F2_3 = (((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
                  ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1)),
                  ((1, 1, 1, 0), (0, 1, -1, -1)))
 WINOGRAD_F2_2 = (((1, -1, 0), (0, 1, 0), (0, -1, 1)),
                  ((1, 0), (1, 1), (0, 1)),
                  ((1, 1, 0), (0, 1, 1)))
+WINOGRAD_F4_3 = (((1, -1.5, -2, 1.5, 1, 0), (0, -1, 0.5, 2.5, 1, 0), (0, 1, -2.5, 0.5, 1, 0),
+                  (0, -2, -1, 2, 1, 0), (0, 0.5, -1, -0.5, 1, 0), (0, 1, -1.5, -2, 1.5, 1)),
+                 ((1, 0, 0), (1 / 3, 1 / 3, 1 / 3), (-1 / 3, 1 / 3, -1 / 3),
+                  (-16 / 15, -8 / 15, -4 / 15), (1 / 15, -2 / 15, 4 / 15), (0, 0, 1)),
+                 ((1, 1, 1, 1, 1, 0), (0, 1, -1, 0.5, -2, 0), (0, 1, 1, 0.25, 4, 0),
+                  (0, 1, -1, 0.125, -8, 1)))
 
 
 def _combine(coefficients: Sequence[float], arrays: Sequence[jax.Array]) -> jax.Array:
@@ -340,15 +350,17 @@ def winograd_conv(xp: jax.Array, w: jax.Array, transform, oh: int, ow: int,
   return out.reshape(b, oh, ow, w.shape[3])
 
 
-def conv3x3_winograd(x: jax.Array, w: jax.Array, precision=None) -> jax.Array:
-  """3x3 stride-1 convolution with padding 1 by Winograd F(2x2, 3x3).
+def conv3x3_winograd(x: jax.Array, w: jax.Array, precision=None,
+                     transform=WINOGRAD_F2_3) -> jax.Array:
+  """3x3 stride-1 convolution with padding 1 by Winograd F(m x m, 3x3).
 
-  x (B,H,W,Cin) with even H and W, w (3,3,Cin,Cout) -> (B,H,W,Cout), as
-  `lax.conv` gives it to float32 rounding: 16 multiplications per 4 outputs
-  instead of 36.
+  x (B,H,W,Cin) with H and W multiples of m, w (3,3,Cin,Cout) -> (B,H,W,Cout),
+  as `lax.conv` gives it to float32 rounding. `transform`: WINOGRAD_F2_3 (m = 2,
+  16 multiplications per 4 outputs instead of 36) or WINOGRAD_F4_3 (m = 4, 36
+  per 16 instead of 144).
   """
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  return winograd_conv(xp, w, WINOGRAD_F2_3, x.shape[1], x.shape[2], precision)
+  return winograd_conv(xp, w, transform, x.shape[1], x.shape[2], precision)
 
 
 def conv4x4_stride2_winograd(x: jax.Array, w: jax.Array, padding, precision=None) -> jax.Array:
@@ -390,10 +402,18 @@ def conv4x4_stride2_winograd(x: jax.Array, w: jax.Array, padding, precision=None
 #   against 96 and 128x128 17 against 24 (AVX-512), but 207 against 202 at
 #   256x256 (AVX2); with 16 tiles (8x8) it is even or loses, and with 64 channels
 #   it is even (256x256: 24 against 24, AVX-512).
+# - of those, the ones on >= 256 input channels whose sides are multiples of 4
+#   over >= 256 output tiles of 4x4 take F(4x4, 3x3) instead (AVX-512, best of
+#   15, against F(2x2, 3x3)): 128x128 256->256 57 against 63, 64x64 512->512 42
+#   against 48, 4x32x32 512->512 39 against 51; with 64 tiles (32x32) it is even
+#   (14 against 14) and with 16 (16x16) it loses (9 against 5); with 128 channels
+#   it is even (256x256: 89 against 92, 128x128: 23 against 22).
 # Other platforms keep `lax.conv`.
 _MATMUL_MIN_IN_FEATURES = 128
 _WINOGRAD3_MIN_IN_FEATURES = 128
 _WINOGRAD3_MIN_TILES = 64
+_WINOGRAD4_MIN_IN_FEATURES = 256
+_WINOGRAD4_MIN_TILES = 256
 _WINOGRAD_STRIDE2_MIN_TILES = 256
 
 
@@ -409,10 +429,13 @@ def _cpu_matmul_form(x_shape, w_shape, strides, padding):
         and b * (oh // 2) * (ow // 2) >= _WINOGRAD_STRIDE2_MIN_TILES):
       return lambda x, w, precision: conv4x4_stride2_winograd(x, w, padding, precision)
     return lambda x, w, precision: conv2d_stride2_taps(x, w, padding, precision)
-  if (strides == (1, 1) and (kh, kw) == (3, 3) and padding == ((1, 1), (1, 1))
-      and h % 2 == 0 and wd % 2 == 0 and cin >= _WINOGRAD3_MIN_IN_FEATURES
-      and b * (h // 2) * (wd // 2) >= _WINOGRAD3_MIN_TILES):
-    return conv3x3_winograd
+  if strides == (1, 1) and (kh, kw) == (3, 3) and padding == ((1, 1), (1, 1)):
+    if (h % 4 == 0 and wd % 4 == 0 and cin >= _WINOGRAD4_MIN_IN_FEATURES
+        and b * (h // 4) * (wd // 4) >= _WINOGRAD4_MIN_TILES):
+      return lambda x, w, precision: conv3x3_winograd(x, w, precision, WINOGRAD_F4_3)
+    if (h % 2 == 0 and wd % 2 == 0 and cin >= _WINOGRAD3_MIN_IN_FEATURES
+        and b * (h // 2) * (wd // 2) >= _WINOGRAD3_MIN_TILES):
+      return conv3x3_winograd
   return None
 
 
