@@ -83,7 +83,8 @@ class ModulatedConv(nn.Module):
   convolves the whole batch, and demodulation scales the output channels by
   `rsqrt(sum_{i,kh,kw} (w * s_i)^2 + 1e-8)`. This equals the official grouped
   convolution with per-sample kernels, but costs the same per image at any
-  batch size and runs as an ordinary dense convolution.
+  batch size and runs as an ordinary dense convolution. The equalized-lr gain
+  scales the style too, so the stored kernel is convolved as it is.
 
   `upsample`: transposed 3x3 stride-2 convolution then the [1,3,3,1] blur
   (x4, pad (1, 1)), doubling H and W. `downsample`: blur (pad from the kernel
@@ -91,8 +92,7 @@ class ModulatedConv(nn.Module):
 
   `dtype` None (or 'float32'): the convolution runs in x's dtype. 'bfloat16':
   bfloat16 operands, float32 accumulation and output (`ops.conv2d_matmul`); the
-  equalized-lr gain rides on the float32 style, and the style, demodulation and
-  filters stay float32.
+  style, demodulation and filters stay float32.
   """
   features: int
   kernel_size: int
@@ -109,16 +109,17 @@ class ModulatedConv(nn.Module):
     s = EqualLinear(cin, bias_init=1.0, name="modulation")(style)  # (B, Cin)
     gain = 1.0 / math.sqrt(cin * k * k)
     mm = ops.matmul_dtype(self.dtype)
+    scale = (s.astype(jnp.float32) * gain)[:, None, None, :]
     if mm is None:
-      w = weight * gain
-      x = x * s[:, None, None, :].astype(x.dtype)
+      w = weight.astype(x.dtype)
+      x = x * scale.astype(x.dtype)
     else:
-      w = weight.astype(mm)  # cast unscaled: one rounding
-      x = x.astype(jnp.float32) * (s.astype(jnp.float32) * gain)[:, None, None, :]
+      w = weight.astype(mm)  # one rounding
+      x = x.astype(jnp.float32) * scale
     n_taps = len(self.blur_taps)
     if self.upsample:
       p = (n_taps - 2) - (k - 1)
-      out = ops.conv_transpose2x_fir(x, w.astype(x.dtype) if mm is None else w,
+      out = ops.conv_transpose2x_fir(x, w,
                                      ops.fir_taps(self.blur_taps, 4.0),
                                      pad=((p + 1) // 2 + 1, p // 2 + 1), dtype=mm)
     elif self.downsample:
@@ -129,10 +130,7 @@ class ModulatedConv(nn.Module):
       out = ops.conv2d(x, w, padding=k // 2, dtype=mm)
     if self.demodulate:
       s_sq = jnp.square(s.astype(jnp.float32))
-      if mm is None:
-        w_energy = ops.kernel_energy(w)
-      else:
-        w_energy = ops.kernel_energy(w.astype(jnp.float32)) * gain ** 2
+      w_energy = ops.kernel_energy(weight.astype(jnp.float32)) * gain ** 2
       energy = jnp.einsum("bi,io->bo", s_sq, w_energy)
       out = out * jax.lax.rsqrt(energy + DEMOD_EPS)[:, None, None, :].astype(out.dtype)
     return out
