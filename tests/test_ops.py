@@ -278,6 +278,23 @@ def test_3x3_convs_take_winograd_on_cpu(shape, matmuls):
   assert all("convolution" in text for text in accelerators)
 
 
+def _cpu_matmul_dots(shape, kernel: int, stride: int, atol: float) -> int:
+  """Checks `ops.conv2d` (padding 1, 2 output channels) on a random input of `shape`
+  against a float64 loop, and that it lowers to matmuls on CPU and to `lax.conv` on
+  accelerators; returns the number of dots in the CPU lowering."""
+  x = RNG.standard_normal(shape).astype(np.float32)
+  w = (RNG.standard_normal((kernel, kernel, shape[3], 2))
+       / np.sqrt(kernel * kernel * shape[3])).astype(np.float32)
+  ref = conv_numpy(x, w, stride, 1)
+  np.testing.assert_allclose(ops.conv2d(x, w, stride, 1), ref, rtol=0,
+                             atol=atol * np.abs(ref).max())
+  cpu, accelerators = _cpu_and_accelerator_lowerings(
+      lambda x, w: ops.conv2d(x, w, stride, 1), x, w)
+  assert "convolution" not in cpu
+  assert all("convolution" in text for text in accelerators)
+  return cpu.count("stablehlo.dot_general")
+
+
 @pytest.mark.parametrize("shape,dots", [((1, 64, 64, 256), 36), ((4, 32, 32, 256), 36),
                                         ((1, 32, 32, 256), 16), ((1, 64, 64, 128), 16),
                                         ((1, 66, 66, 256), 16)])
@@ -285,13 +302,7 @@ def test_wide_3x3_convs_over_many_tiles_take_winograd_f4_on_cpu(shape, dots):
   """3x3 convs on >= 256 channels with sides multiples of 4 over >= 256 tiles of 4x4
   lower to F(4x4, 3x3) on CPU (36 dots); the rest of the Winograd ones to F(2x2, 3x3)
   (16 dots). Both match a float64 loop."""
-  x = RNG.standard_normal(shape).astype(np.float32)
-  w = (RNG.standard_normal((3, 3, shape[3], 2)) / np.sqrt(9 * shape[3])).astype(np.float32)
-  ref = conv_numpy(x, w, 1, 1)
-  np.testing.assert_allclose(ops.conv2d(x, w, 1, 1), ref, rtol=0, atol=2e-5 * np.abs(ref).max())
-  cpu, _ = _cpu_and_accelerator_lowerings(lambda x, w: ops.conv2d(x, w, 1, 1), x, w)
-  assert "convolution" not in cpu
-  assert cpu.count("stablehlo.dot_general") == dots
+  assert _cpu_matmul_dots(shape, 3, 1, 2e-5) == dots
 
 
 @pytest.mark.parametrize("shape,form", [((1, 128, 128, 128), "winograd"),
@@ -303,14 +314,7 @@ def test_large_4x4_stride2_convs_take_winograd_on_cpu(shape, form):
   """4x4 stride-2 convs with even output sides over >= 256 output tiles lower to
   F(2x2, 2x2) on CPU (9 dots), smaller or odd ones to the folded taps (4 dots);
   accelerators keep `lax.conv`. Both match a float64 loop."""
-  x = RNG.standard_normal(shape).astype(np.float32)
-  w = (RNG.standard_normal((4, 4, shape[3], 2)) / np.sqrt(16 * shape[3])).astype(np.float32)
-  ref = conv_numpy(x, w, 2, 1)
-  np.testing.assert_allclose(ops.conv2d(x, w, 2, 1), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
-  cpu, accelerators = _cpu_and_accelerator_lowerings(lambda x, w: ops.conv2d(x, w, 2, 1), x, w)
-  assert "convolution" not in cpu
-  assert cpu.count("stablehlo.dot_general") == {"winograd": 9, "taps": 4}[form]
-  assert all("convolution" in text for text in accelerators)
+  assert _cpu_matmul_dots(shape, 4, 2, 1e-5) == {"winograd": 9, "taps": 4}[form]
 
 
 @pytest.mark.parametrize("form,kernel,stride", [("winograd", 3, 1), ("winograd4", 3, 1),
