@@ -407,7 +407,8 @@ def conv4x4_stride2_winograd(x: jax.Array, w: jax.Array, padding, precision=None
 #   15, against F(2x2, 3x3)): 128x128 256->256 57 against 63, 64x64 512->512 42
 #   against 48, 4x32x32 512->512 39 against 51; with 64 tiles (32x32) it is even
 #   (14 against 14) and with 16 (16x16) it loses (9 against 5); with 128 channels
-#   it is even (256x256: 89 against 92, 128x128: 23 against 22).
+#   it is even (Lavin & Gray's points, 256x256: 89 against 92, 128x128: 23
+#   against 22).
 # Other platforms keep `lax.conv`.
 _MATMUL_MIN_IN_FEATURES = 128
 _WINOGRAD3_MIN_IN_FEATURES = 128

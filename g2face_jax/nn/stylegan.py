@@ -119,8 +119,7 @@ class ModulatedConv(nn.Module):
     n_taps = len(self.blur_taps)
     if self.upsample:
       p = (n_taps - 2) - (k - 1)
-      out = ops.conv_transpose2x_fir(x, w,
-                                     ops.fir_taps(self.blur_taps, 4.0),
+      out = ops.conv_transpose2x_fir(x, w, ops.fir_taps(self.blur_taps, 4.0),
                                      pad=((p + 1) // 2 + 1, p // 2 + 1), dtype=mm)
     elif self.downsample:
       p = (n_taps - 2) + (k - 1)
