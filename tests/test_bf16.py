@@ -5,9 +5,13 @@ default untouched; bad dtypes refused by name.
 Bound used below: bfloat16 keeps 8 significant bits, so rounding an operand changes it
 by at most 2^-9 relative. A dot of two rounded operands is off by about 2^-9 relative
 (RMS, the two roundings combined), so one layer stays within 2^-8 (0.4 %); the tiny
-pipeline, a few such layers deep with normalisations in between, within 1 %.
+pipeline, a few such layers deep with normalisations in between, within 1 %. The CPU's
+Winograd forms round transformed operands, and their read-back sums products larger
+than the outputs it forms (F(2x2, 3x3): up to 4 of them per tile row and column), which
+about doubles the RMS error: 2^-7 for one such layer.
 """
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +25,7 @@ from conftest import random_variables
 
 RNG = np.random.default_rng(0)
 LAYER_BOUND = 2.0 ** -8
+WINOGRAD_LAYER_BOUND = 2.0 ** -7
 PIPELINE_BOUND = 1e-2
 
 
@@ -71,6 +76,52 @@ def test_bfloat16_matmul_conv_accumulates_in_float32(h, w, k, stride, pad):
   assert got.dtype == jnp.float32
   assert rel(got, conv_numpy(bf16_round(x), bf16_round(kernel), stride, pad)) < 1e-5
   assert rel(got, conv_numpy(x, kernel, stride, pad)) < LAYER_BOUND
+
+
+def winograd_numpy(xp, w, transform, oh, ow, round_operands):
+  """Winograd F(m x m, r x r) of a padded input in float64, the transformed tiles and
+  kernel passed through `round_operands`; xp (B,H,W,C), w (r,r,C,O) -> (B,oh,ow,O)."""
+  bt, g, at = (np.asarray(t, np.float64) for t in transform)
+  n, m = len(bt), len(at)
+  rows = np.arange(oh // m)[:, None, None, None] * m + np.arange(n)[None, None, :, None]
+  cols = np.arange(ow // m)[None, :, None, None] * m + np.arange(n)[None, None, None, :]
+  tiles = np.einsum("kn,btwnlc,ql->btwkqc", bt, xp.astype(np.float64)[:, rows, cols], bt)
+  kernel = np.einsum("kr,rsco,qs->kqco", g, w.astype(np.float64), g)
+  products = np.einsum("btwkqc,kqco->btwkqo", round_operands(tiles), round_operands(kernel))
+  out = np.einsum("pk,btwkqo,sq->btpwso", at, products, at)
+  return out.reshape(xp.shape[0], oh, ow, w.shape[3])
+
+
+@pytest.mark.parametrize("shape,k,stride,cpu_form", [
+    ((1, 32, 32, 256), 3, 1, "F(2x2, 3x3)"), ((1, 64, 64, 128), 4, 2, "F(2x2, 2x2)"),
+    ((1, 32, 32, 128), 4, 2, "taps"), ((1, 8, 8, 256), 3, 1, "direct")])
+def test_bfloat16_convs_take_the_cpu_matmul_forms(shape, k, stride, cpu_form):
+  """On CPU a bfloat16 `conv2d` runs the float32 path's matmul forms (never F(4x4, 3x3))
+  with float32 transforms, bfloat16-rounded operands and float32 accumulation;
+  accelerators keep the one-matmul `conv2d_matmul`."""
+  x = RNG.standard_normal(shape).astype(np.float32)
+  kernel = (RNG.standard_normal((k, k, shape[3], 8)) / np.sqrt(k * k * shape[3])).astype(np.float32)
+  pad = ((1, 1), (1, 1))
+  exact = conv_numpy(x, kernel, stride, pad)
+  got = ops.conv2d(x, kernel, stride, pad, jnp.bfloat16)
+  assert got.dtype == jnp.float32
+  if cpu_form.startswith("F"):
+    if stride == 1:
+      xp, w, transform = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), kernel, ops.WINOGRAD_F2_3
+    else:
+      xp, w = ops._fold_stride2(x, kernel, pad, *exact.shape[1:3])
+      transform = ops.WINOGRAD_F2_2
+    want = winograd_numpy(np.asarray(xp), np.asarray(w), transform, *exact.shape[1:3], bf16_round)
+    assert rel(got, want) < 1e-4  # float32 accumulation; bfloat16 sums would be off by ~1e-2
+    assert rel(got, exact) < WINOGRAD_LAYER_BOUND
+  else:
+    assert rel(got, conv_numpy(bf16_round(x), bf16_round(kernel), stride, pad)) < 1e-5
+  traced = jax.jit(lambda x, w: ops.conv2d(x, w, stride, pad, jnp.bfloat16)).trace(x, kernel)
+  cpu, *accelerators = (traced.lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "tpu", "cuda"))
+  dots = {"F(2x2, 3x3)": 16, "F(2x2, 2x2)": 9, "taps": 4, "direct": 1}[cpu_form]
+  bf16_dots = re.findall(r"dot_general .*xbf16>, tensor<\S*xbf16>\) -> tensor<\S*xf32>", cpu)
+  assert cpu.count("stablehlo.dot_general") == len(bf16_dots) == dots
+  assert all(text.count("stablehlo.dot_general") == 1 for text in accelerators)
 
 
 def test_conv_general_dilated_bf16_in_flax_conv():

@@ -125,7 +125,7 @@ class Decoder(nn.Module):
   `dtype` None or 'float32': the official float32 computation (following x's
   dtype). 'bfloat16': the styled convolutions, the pyramid encoder and the
   fusion-mask convs multiply bfloat16 operands with float32 accumulation
-  (`ops.conv2d_matmul`); activations between layers, styles, demodulation,
+  (`ops.conv2d`); activations between layers, styles, demodulation,
   normalisation, noise, biases, FIR filters, hiding injections and ToRGB stay
   float32, and so does the returned image.
   """

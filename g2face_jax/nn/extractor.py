@@ -66,7 +66,7 @@ class PasswordExtractor(nn.Module):
 
   `dtype` None or 'float32': the official float32 computation. 'bfloat16': the
   blocks' convs multiply bfloat16 operands with float32 accumulation
-  (`ops.conv2d_matmul`); the 3-channel input conv, the output conv, BatchNorm and
+  (`ops.conv2d`); the 3-channel input conv, the output conv, BatchNorm and
   activations stay float32, and so do the logits.
   """
   image_size: int = 256

@@ -255,6 +255,16 @@ def conv2d_matmul(x: jax.Array, w: jax.Array, stride: int = 1, padding=0,
   return out
 
 
+def _channel_dot(x: jax.Array, w: jax.Array, precision=None, operand_dtype=None) -> jax.Array:
+  """x (..., K) @ w (K, N). `operand_dtype` None: in x's dtype at `precision`;
+  else both operands rounded to it and accumulated in float32 (float32 result)."""
+  dims = (((x.ndim - 1,), (0,)), ((), ()))
+  if operand_dtype is None:
+    return jax.lax.dot_general(x, w.astype(x.dtype), dims, precision=precision)
+  return jax.lax.dot_general(x.astype(operand_dtype), w.astype(operand_dtype), dims,
+                             preferred_element_type=jnp.float32)
+
+
 def conv1x1(x: jax.Array, w: jax.Array, stride: int = 1, precision=None) -> jax.Array:
   """Unpadded 1x1 convolution as a channel contraction; x (B,H,W,Cin), w (1,1,Cin,Cout).
 
@@ -264,11 +274,11 @@ def conv1x1(x: jax.Array, w: jax.Array, stride: int = 1, precision=None) -> jax.
   """
   if stride > 1:
     x = x[:, ::stride, ::stride]
-  return jax.lax.dot_general(x, w[0, 0].astype(x.dtype), (((3,), (0,)), ((), ())),
-                             precision=precision)
+  return _channel_dot(x, w[0, 0], precision)
 
 
-def conv2d_stride2_taps(x: jax.Array, w: jax.Array, padding, precision=None) -> jax.Array:
+def conv2d_stride2_taps(x: jax.Array, w: jax.Array, padding, precision=None,
+                        operand_dtype=None) -> jax.Array:
   """Stride-2 convolution with an even k x k kernel as one matmul per folded tap.
 
   x (B,H,W,Cin), w (k,k,Cin,Cout), padding ((top, bottom), (left, right)) ->
@@ -277,14 +287,15 @@ def conv2d_stride2_taps(x: jax.Array, w: jax.Array, padding, precision=None) -> 
   whole folded grid in one dot_general (K = 4 Cin, N = Cout) and the products
   are summed at their shifts. XLA's CPU convolution runs the pyramid encoder's
   4x4 stride-2 kernels at 55-105 GFLOP/s, these matmuls at 90-125.
+  `operand_dtype`: as `_channel_dot`'s (the folding stays in x's dtype).
   """
   oh, ow = _stride2_out_size(x.shape, w.shape, padding)
   folded, taps = _fold_stride2(x, w.astype(x.dtype), padding, oh, ow)
   out = None
   for a in range(taps.shape[0]):
     for b in range(taps.shape[1]):
-      product = jax.lax.dot_general(folded, taps[a, b], (((3,), (0,)), ((), ())),
-                                    precision=precision)[:, a:a + oh, b:b + ow]
+      product = _channel_dot(folded, taps[a, b], precision,
+                             operand_dtype)[:, a:a + oh, b:b + ow]
       out = product if out is None else out + product
   return out
 
@@ -322,7 +333,7 @@ def _combine(coefficients: Sequence[float], arrays: Sequence[jax.Array]) -> jax.
 
 
 def winograd_conv(xp: jax.Array, w: jax.Array, transform, oh: int, ow: int,
-                  precision=None) -> jax.Array:
+                  precision=None, operand_dtype=None) -> jax.Array:
   """Valid stride-1 convolution of an already padded input by Winograd F(m x m, r x r).
 
   xp (B, >= oh + r - 1, >= ow + r - 1, Cin), w (r,r,Cin,Cout), `transform` one of
@@ -332,6 +343,8 @@ def winograd_conv(xp: jax.Array, w: jax.Array, transform, oh: int, ow: int,
   the decoder's low resolutions), each of the n^2 transform positions is one
   matmul over all tiles (K = Cin, N = Cout), and every tile's outputs are read
   back (A^T M A): n^2 multiplications per m^2 outputs instead of m^2 r^2.
+  `operand_dtype`: as `_channel_dot`'s; both transforms and the read-back stay
+  in xp's dtype, so only the transformed tiles and kernel are rounded.
   """
   bt, g, at = transform
   n, m, r = len(bt), len(at), len(g[0])
@@ -341,8 +354,8 @@ def winograd_conv(xp: jax.Array, w: jax.Array, transform, oh: int, ow: int,
            for t in (_combine(bt[k], rows) for k in range(n))]            # (B, th, tw, Cin)
   kernel = [[_combine(g[l], [kr[j] for j in range(r)]) for l in range(n)]
             for kr in (_combine(g[k], [w[i] for i in range(r)]) for k in range(n))]
-  products = [[jax.lax.dot_general(tiles[k][l], kernel[k][l], (((3,), (0,)), ((), ())),
-                                   precision=precision) for l in range(n)] for k in range(n)]
+  products = [[_channel_dot(tiles[k][l], kernel[k][l], precision, operand_dtype)
+                for l in range(n)] for k in range(n)]
   by_cols = [[_combine(at[q], products[k]) for q in range(m)] for k in range(n)]
   phases = [[_combine(at[p], [by_cols[k][q] for k in range(n)]) for q in range(m)]
             for p in range(m)]                                          # out[m i + p, m j + q]
@@ -351,32 +364,34 @@ def winograd_conv(xp: jax.Array, w: jax.Array, transform, oh: int, ow: int,
 
 
 def conv3x3_winograd(x: jax.Array, w: jax.Array, precision=None,
-                     transform=WINOGRAD_F2_3) -> jax.Array:
+                     transform=WINOGRAD_F2_3, operand_dtype=None) -> jax.Array:
   """3x3 stride-1 convolution with padding 1 by Winograd F(m x m, 3x3).
 
   x (B,H,W,Cin) with H and W multiples of m, w (3,3,Cin,Cout) -> (B,H,W,Cout),
   as `lax.conv` gives it to float32 rounding. `transform`: WINOGRAD_F2_3 (m = 2,
   16 multiplications per 4 outputs instead of 36) or WINOGRAD_F4_3 (m = 4, 36
-  per 16 instead of 144).
+  per 16 instead of 144). `operand_dtype`: as `winograd_conv`'s.
   """
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  return winograd_conv(xp, w, transform, x.shape[1], x.shape[2], precision)
+  return winograd_conv(xp, w, transform, x.shape[1], x.shape[2], precision, operand_dtype)
 
 
-def conv4x4_stride2_winograd(x: jax.Array, w: jax.Array, padding, precision=None) -> jax.Array:
+def conv4x4_stride2_winograd(x: jax.Array, w: jax.Array, padding, precision=None,
+                             operand_dtype=None) -> jax.Array:
   """4x4 stride-2 convolution by Winograd F(2x2, 2x2) on the folded input.
 
   x (B,H,W,Cin), w (4,4,Cin,Cout), padding ((top, bottom), (left, right)) whose
   output sides are even -> (B, oh, ow, Cout) as `lax.conv` gives it to float32
   rounding. `_fold_stride2` turns it into a 2x2 stride-1 convolution on 4 Cin
   channels, which takes 9 multiplications per 4 outputs instead of 16.
+  `operand_dtype`: as `winograd_conv`'s.
   """
   oh, ow = _stride2_out_size(x.shape, w.shape, padding)
   if w.shape[:2] != (4, 4) or oh % 2 or ow % 2:
     raise ValueError(f"conv4x4_stride2_winograd takes 4x4 kernels with even output sides, "
                      f"got kernel {w.shape[:2]} and output {oh}x{ow}")
   folded, kernel = _fold_stride2(x, w.astype(x.dtype), padding, oh, ow)
-  return winograd_conv(folded, kernel, WINOGRAD_F2_2, oh, ow, precision)
+  return winograd_conv(folded, kernel, WINOGRAD_F2_2, oh, ow, precision, operand_dtype)
 
 
 # When `conv_general_dilated` lowers for CPU, some convolution shapes run as
@@ -418,8 +433,19 @@ _WINOGRAD4_MIN_TILES = 256
 _WINOGRAD_STRIDE2_MIN_TILES = 256
 
 
-def _cpu_matmul_form(x_shape, w_shape, strides, padding):
-  """The matmul form `conv_general_dilated` uses on CPU for this convolution, or None."""
+def _cpu_matmul_form(x_shape, w_shape, strides, padding, operand_dtype=None):
+  """The matmul form `conv_general_dilated` uses on CPU for this convolution, or None.
+
+  It is called as form(x, w, precision). With a bfloat16 `operand_dtype` the
+  forms round their matmul operands to it (`_conv2d_low_precision`). Rounding
+  transformed operands costs more than rounding the plain ones, since the
+  read-back adds up products larger than the outputs: relative errors against
+  float64 (random data, AVX-512, ms against the direct `conv2d_matmul`):
+  F(2x2, 3x3) 3.9e-3 against 2.35e-3, at 38 against 81 ms (128x128 256->256)
+  and 28 against 61 (64x64 512->512); F(2x2, 2x2) for 4x4 stride 2 4.7e-3
+  against 2.35e-3, at 39 against 73 ms (128x128 256->512). F(4x4, 3x3) is left
+  out: 1.6e-2.
+  """
   kh, kw, cin = w_shape[:3]
   b, h, wd = x_shape[:3]
   strides, padding = tuple(strides), tuple(tuple(p) for p in padding)
@@ -428,15 +454,17 @@ def _cpu_matmul_form(x_shape, w_shape, strides, padding):
     oh, ow = _stride2_out_size(x_shape, w_shape, padding)
     if (kh == 4 and oh % 2 == 0 and ow % 2 == 0
         and b * (oh // 2) * (ow // 2) >= _WINOGRAD_STRIDE2_MIN_TILES):
-      return lambda x, w, precision: conv4x4_stride2_winograd(x, w, padding, precision)
-    return lambda x, w, precision: conv2d_stride2_taps(x, w, padding, precision)
+      return lambda x, w, precision: conv4x4_stride2_winograd(x, w, padding, precision,
+                                                              operand_dtype)
+    return lambda x, w, precision: conv2d_stride2_taps(x, w, padding, precision, operand_dtype)
   if strides == (1, 1) and (kh, kw) == (3, 3) and padding == ((1, 1), (1, 1)):
-    if (h % 4 == 0 and wd % 4 == 0 and cin >= _WINOGRAD4_MIN_IN_FEATURES
-        and b * (h // 4) * (wd // 4) >= _WINOGRAD4_MIN_TILES):
+    if (operand_dtype is None and h % 4 == 0 and wd % 4 == 0
+        and cin >= _WINOGRAD4_MIN_IN_FEATURES and b * (h // 4) * (wd // 4) >= _WINOGRAD4_MIN_TILES):
       return lambda x, w, precision: conv3x3_winograd(x, w, precision, WINOGRAD_F4_3)
     if (h % 2 == 0 and wd % 2 == 0 and cin >= _WINOGRAD3_MIN_IN_FEATURES
         and b * (h // 2) * (wd // 2) >= _WINOGRAD3_MIN_TILES):
-      return conv3x3_winograd
+      return lambda x, w, precision: conv3x3_winograd(x, w, precision, WINOGRAD_F2_3,
+                                                      operand_dtype)
   return None
 
 
@@ -444,16 +472,33 @@ def _is_1x1_unpadded(w_shape, padding) -> bool:
   return tuple(w_shape[:2]) == (1, 1) and all(p == 0 for pair in padding for p in pair)
 
 
+def _conv2d_low_precision(x: jax.Array, w: jax.Array, stride: int, padding, dtype) -> jax.Array:
+  """`conv2d` with `dtype` matmul operands and float32 accumulation and result: on CPU
+  the `_cpu_matmul_form` for the shape (its transforms in float32), else `conv2d_matmul`."""
+  padding = tuple(tuple(p) for p in padding)
+
+  def direct(x, w):
+    return conv2d_matmul(x, w, stride, padding, dtype)
+
+  form = _cpu_matmul_form(x.shape, w.shape, (stride, stride), padding, dtype)
+  if form is None:
+    return direct(x, w)
+  return jax.lax.platform_dependent(
+      x.astype(jnp.float32), w.astype(jnp.float32),
+      cpu=lambda x, w: form(x, w, None), default=direct)
+
+
 def conv2d(x: jax.Array, w: jax.Array, stride: int = 1, padding=0, dtype=None) -> jax.Array:
   """Plain convolution (cross-correlation, as PyTorch); x (B,H,W,Cin), w (kh,kw,Cin,Cout).
 
   `dtype` None: x's dtype through `conv_general_dilated` (`lax.conv`, or a matmul
-  form where it picks one); bfloat16: `conv2d_matmul`, float32 result.
+  form where it picks one); bfloat16: bfloat16 matmul operands, float32
+  accumulation and result (`_conv2d_low_precision`).
   """
   if isinstance(padding, int):
     padding = ((padding, padding), (padding, padding))
   if dtype is not None:
-    return conv2d_matmul(x, w, stride, padding, dtype)
+    return _conv2d_low_precision(x, w, stride, padding, dtype)
   return conv_general_dilated(x, w.astype(x.dtype), (stride, stride), padding,
                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
@@ -499,15 +544,14 @@ def conv_general_dilated_bf16(lhs, rhs, window_strides, padding, lhs_dilation=No
                               rhs_dilation=None, dimension_numbers=None,
                               feature_group_count=1, precision=None) -> jax.Array:
   """`lax.conv_general_dilated`'s signature (for `flax.linen.Conv`) computed by
-  `conv2d_matmul` in bfloat16 with a float32 result: NHWC/HWIO, square stride 1 or 2,
-  explicit padding, no dilation or groups."""
+  `conv2d` with bfloat16 operands and a float32 result: NHWC/HWIO, square stride 1
+  or 2, explicit padding, no dilation or groups."""
   del precision
   if not _nhwc_plain(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                      dimension_numbers, feature_group_count):
     raise ValueError("conv_general_dilated_bf16 takes NHWC/HWIO convolutions with explicit "
                      "padding, one stride and no dilation or groups")
-  return conv2d_matmul(lhs, rhs, window_strides[0], tuple(tuple(p) for p in padding),
-                       jnp.bfloat16)
+  return conv2d(lhs, rhs, window_strides[0], padding, jnp.bfloat16)
 
 
 def _conv_transpose2x_phases(x: jax.Array, w: jax.Array, dtype=None) -> list[list[jax.Array]]:

@@ -37,7 +37,7 @@ def Conv(in_features: int, features: int, kernel_size: int, stride: int = 1, pad
   `dtype` None (or 'float32'): `ops.conv_general_dilated` in the promoted
   input/parameter dtype (`lax.conv`, or matmuls for unpadded 1x1 kernels and,
   on CPU, the shapes XLA convolves slowly).
-  'bfloat16': bfloat16 operands and float32 accumulation (`ops.conv2d_matmul`),
+  'bfloat16': bfloat16 operands and float32 accumulation (`ops.conv2d`),
   float32 bias and output.
   """
   k, p = kernel_size, padding

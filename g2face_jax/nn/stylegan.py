@@ -91,8 +91,8 @@ class ModulatedConv(nn.Module):
   size) then a stride-2 convolution.
 
   `dtype` None (or 'float32'): the convolution runs in x's dtype. 'bfloat16':
-  bfloat16 operands, float32 accumulation and output (`ops.conv2d_matmul`); the
-  style, demodulation and filters stay float32.
+  bfloat16 operands, float32 accumulation and output (`ops.conv2d`); the style,
+  demodulation and filters stay float32.
   """
   features: int
   kernel_size: int
@@ -114,7 +114,7 @@ class ModulatedConv(nn.Module):
       w = weight.astype(x.dtype)
       x = x * scale.astype(x.dtype)
     else:
-      w = weight.astype(mm)  # one rounding
+      w = weight.astype(jnp.float32)  # rounded once, by the convolution
       x = x.astype(jnp.float32) * scale
     n_taps = len(self.blur_taps)
     if self.upsample:
