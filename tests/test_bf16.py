@@ -53,13 +53,19 @@ def bf16_round(a):
 CASES = [  # (H, W, k, stride, padding): every form the networks use, odd sizes too
     (8, 8, 3, 1, ((1, 1), (1, 1))), (7, 9, 3, 1, ((0, 2), (1, 1))), (8, 8, 4, 2, ((1, 1), (1, 1))),
     (9, 7, 3, 2, ((1, 1), (1, 1))), (6, 6, 1, 1, ((0, 0), (0, 0))), (7, 5, 2, 1, ((1, 1), (1, 1))),
-    (5, 6, 2, 1, ((1, 1), (0, 0))), (8, 8, 3, 2, ((0, 0), (0, 0))), (6, 6, 1, 2, ((0, 0), (0, 0)))]
+    (5, 6, 2, 1, ((1, 1), (0, 0))), (8, 8, 3, 2, ((0, 0), (0, 0))), (6, 6, 1, 2, ((0, 0), (0, 0))),
+    (6, 7, (1, 2), 1, ((0, 0), (1, 1))), (5, 6, (1, 3), 1, ((0, 1), (2, 0))),
+    (6, 5, (2, 1), 1, ((1, 1), (0, 0)))]  # the sub-pixel phases of transposed convs
+
+
+def kernel_shape(k, cin, cout):
+  return (k, k, cin, cout) if isinstance(k, int) else (*k, cin, cout)
 
 
 @pytest.mark.parametrize("h,w,k,stride,pad", CASES)
 def test_matmul_conv_in_float32_equals_lax_conv(h, w, k, stride, pad):
   x = RNG.standard_normal((2, h, w, 5)).astype(np.float32)
-  kernel = RNG.standard_normal((k, k, 5, 6)).astype(np.float32)
+  kernel = RNG.standard_normal(kernel_shape(k, 5, 6)).astype(np.float32)
   ref = conv_numpy(x, kernel, stride, pad)
   got = ops.conv2d_matmul(x, kernel, stride, pad, jnp.float32)
   assert got.dtype == jnp.float32 and got.shape == ref.shape
@@ -67,11 +73,11 @@ def test_matmul_conv_in_float32_equals_lax_conv(h, w, k, stride, pad):
   np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("h,w,k,stride,pad", CASES[:4])
+@pytest.mark.parametrize("h,w,k,stride,pad", CASES[:4] + CASES[-3:])
 def test_bfloat16_matmul_conv_accumulates_in_float32(h, w, k, stride, pad):
   # 300 input channels: a bfloat16 accumulator would be off by ~1e-2, float32 by ~1e-7
   x = RNG.standard_normal((1, h, w, 300)).astype(np.float32)
-  kernel = RNG.standard_normal((k, k, 300, 4)).astype(np.float32)
+  kernel = RNG.standard_normal(kernel_shape(k, 300, 4)).astype(np.float32)
   got = ops.conv2d_matmul(x, kernel, stride, pad, jnp.bfloat16)
   assert got.dtype == jnp.float32
   assert rel(got, conv_numpy(bf16_round(x), bf16_round(kernel), stride, pad)) < 1e-5
