@@ -491,8 +491,8 @@ def _conv2d_low_precision(x: jax.Array, w: jax.Array, stride: int, padding, dtyp
   if form is None:
     return direct(x, w)
   return jax.lax.platform_dependent(
-      x.astype(jnp.float32), w.astype(jnp.float32),
-      cpu=lambda x, w: form(x, w, None), default=direct)
+      x, w, cpu=lambda x, w: form(x.astype(jnp.float32), w.astype(jnp.float32), None),
+      default=direct)
 
 
 def conv2d(x: jax.Array, w: jax.Array, stride: int = 1, padding=0, dtype=None) -> jax.Array:
