@@ -62,23 +62,25 @@ def kernel_shape(k, cin, cout):
   return (k, k, cin, cout) if isinstance(k, int) else (*k, cin, cout)
 
 
+@pytest.mark.parametrize("matmul_conv", [ops.conv2d_matmul, ops.conv2d_tap_matmul])
 @pytest.mark.parametrize("h,w,k,stride,pad", CASES)
-def test_matmul_conv_in_float32_equals_lax_conv(h, w, k, stride, pad):
+def test_matmul_conv_in_float32_equals_lax_conv(h, w, k, stride, pad, matmul_conv):
   x = RNG.standard_normal((2, h, w, 5)).astype(np.float32)
   kernel = RNG.standard_normal(kernel_shape(k, 5, 6)).astype(np.float32)
   ref = conv_numpy(x, kernel, stride, pad)
-  got = ops.conv2d_matmul(x, kernel, stride, pad, jnp.float32)
+  got = matmul_conv(x, kernel, stride, pad, jnp.float32)
   assert got.dtype == jnp.float32 and got.shape == ref.shape
   np.testing.assert_allclose(got, ops.conv2d(x, kernel, stride, pad), rtol=0, atol=1e-5)
   np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("matmul_conv", [ops.conv2d_matmul, ops.conv2d_tap_matmul])
 @pytest.mark.parametrize("h,w,k,stride,pad", CASES[:4] + CASES[-3:])
-def test_bfloat16_matmul_conv_accumulates_in_float32(h, w, k, stride, pad):
+def test_bfloat16_matmul_conv_accumulates_in_float32(h, w, k, stride, pad, matmul_conv):
   # 300 input channels: a bfloat16 accumulator would be off by ~1e-2, float32 by ~1e-7
   x = RNG.standard_normal((1, h, w, 300)).astype(np.float32)
   kernel = RNG.standard_normal(kernel_shape(k, 300, 4)).astype(np.float32)
-  got = ops.conv2d_matmul(x, kernel, stride, pad, jnp.bfloat16)
+  got = matmul_conv(x, kernel, stride, pad, jnp.bfloat16)
   assert got.dtype == jnp.float32
   assert rel(got, conv_numpy(bf16_round(x), bf16_round(kernel), stride, pad)) < 1e-5
   assert rel(got, conv_numpy(x, kernel, stride, pad)) < LAYER_BOUND
@@ -100,11 +102,13 @@ def winograd_numpy(xp, w, transform, oh, ow, round_operands):
 
 @pytest.mark.parametrize("shape,k,stride,cpu_form", [
     ((1, 32, 32, 256), 3, 1, "F(2x2, 3x3)"), ((1, 64, 64, 128), 4, 2, "F(2x2, 2x2)"),
-    ((1, 32, 32, 128), 4, 2, "taps"), ((1, 8, 8, 256), 3, 1, "direct")])
+    ((1, 32, 32, 128), 4, 2, "taps"), ((1, 63, 63, 64), 2, 1, "taps on N"),
+    ((1, 64, 64, 64), 3, 1, "direct"), ((1, 31, 31, 256), 2, 1, "direct")])
 def test_bfloat16_convs_take_the_cpu_matmul_forms(shape, k, stride, cpu_form):
   """On CPU a bfloat16 `conv2d` runs the float32 path's matmul forms (never F(4x4, 3x3))
-  with float32 transforms, bfloat16-rounded operands and float32 accumulation;
-  accelerators keep the one-matmul `conv2d_matmul`."""
+  with float32 transforms, bfloat16-rounded operands and float32 accumulation; other
+  kernels of up to 4 taps over >= 64x64 outputs `conv2d_tap_matmul`, the rest and
+  accelerators the one-matmul `conv2d_matmul` (which stacks shifted inputs)."""
   x = RNG.standard_normal(shape).astype(np.float32)
   kernel = (RNG.standard_normal((k, k, shape[3], 8)) / np.sqrt(k * k * shape[3])).astype(np.float32)
   pad = ((1, 1), (1, 1))
@@ -124,7 +128,9 @@ def test_bfloat16_convs_take_the_cpu_matmul_forms(shape, k, stride, cpu_form):
     assert rel(got, conv_numpy(bf16_round(x), bf16_round(kernel), stride, pad)) < 1e-5
   traced = jax.jit(lambda x, w: ops.conv2d(x, w, stride, pad, jnp.bfloat16)).trace(x, kernel)
   cpu, *accelerators = (traced.lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "tpu", "cuda"))
-  dots = {"F(2x2, 3x3)": 16, "F(2x2, 2x2)": 9, "taps": 4, "direct": 1}[cpu_form]
+  dots = {"F(2x2, 3x3)": 16, "F(2x2, 2x2)": 9, "taps": 4, "taps on N": 1, "direct": 1}[cpu_form]
+  if dots == 1:  # conv2d_matmul stacks the kernel's column shifts of the input
+    assert ("concatenate" in cpu) == (cpu_form == "direct")
   bf16_dots = re.findall(r"dot_general .*xbf16>, tensor<\S*xbf16>\) -> tensor<\S*xf32>", cpu)
   assert cpu.count("stablehlo.dot_general") == len(bf16_dots) == dots
   assert all(text.count("stablehlo.dot_general") == 1 for text in accelerators)

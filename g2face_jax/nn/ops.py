@@ -200,10 +200,10 @@ def _kernel_space_to_depth2(w: jax.Array) -> jax.Array:
   return w.reshape(w.shape[0], w.shape[1], 4 * cin, cout)
 
 
-def _stride2_out_size(x_shape, w_shape, padding) -> tuple[int, int]:
+def _conv_out_size(x_shape, w_shape, stride: int, padding) -> tuple[int, int]:
   (pt, pb), (pl, pr) = padding
-  return ((x_shape[1] + pt + pb - w_shape[0]) // 2 + 1,
-          (x_shape[2] + pl + pr - w_shape[1]) // 2 + 1)
+  return ((x_shape[1] + pt + pb - w_shape[0]) // stride + 1,
+          (x_shape[2] + pl + pr - w_shape[1]) // stride + 1)
 
 
 def _fold_stride2(x: jax.Array, w: jax.Array, padding, oh: int, ow: int):
@@ -216,6 +216,28 @@ def _fold_stride2(x: jax.Array, w: jax.Array, padding, oh: int, ow: int):
   hp, wp = 2 * (oh + (kh - 1) // 2), 2 * (ow + (kw - 1) // 2)  # even sizes covering every tap
   x = jnp.pad(x, ((0, 0), (pt, max(hp - h - pt, 0)), (pl, max(wp - wd - pl, 0)), (0, 0)))
   return _space_to_depth2(x[:, :hp, :wp]), _kernel_space_to_depth2(w)
+
+
+def _as_stride1(x: jax.Array, w: jax.Array, stride: int, padding, dtype):
+  """x and w cast to `dtype`, x padded (stride 1) or folded with w (`_fold_stride2`),
+  so that a valid stride-1 convolution of the two gives the (B,oh,ow,Cout) output."""
+  if isinstance(padding, int):
+    padding = ((padding, padding), (padding, padding))
+  (pt, pb), (pl, pr) = padding
+  oh, ow = _conv_out_size(x.shape, w.shape, stride, padding)
+  x, w = x.astype(dtype), w.astype(dtype)
+  if stride == 2:
+    x, w = _fold_stride2(x, w, padding, oh, ow)
+  elif stride == 1:
+    x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  else:
+    raise ValueError(f"matmul convolutions support stride 1 or 2, got {stride}")
+  return x, w, oh, ow
+
+
+def _shifted_sum(y: jax.Array, offsets, oh: int, ow: int, cout: int) -> jax.Array:
+  """sum over n of y[:, i:i + oh, j:j + ow, n Cout:(n + 1) Cout] for (i, j) = offsets[n]."""
+  return sum(y[:, i:i + oh, j:j + ow, n * cout:(n + 1) * cout] for n, (i, j) in enumerate(offsets))
 
 
 def conv2d_matmul(x: jax.Array, w: jax.Array, stride: int = 1, padding=0,
@@ -232,35 +254,39 @@ def conv2d_matmul(x: jax.Array, w: jax.Array, stride: int = 1, padding=0,
   matmuls run at about twice the float32 rate while its bfloat16 convolutions
   do not.
   """
-  if isinstance(padding, int):
-    padding = ((padding, padding), (padding, padding))
-  (pt, pb), (pl, pr) = padding
-  kh, kw, cin, cout = w.shape
-  b, h, wd, _ = x.shape
-  oh, ow = (h + pt + pb - kh) // stride + 1, (wd + pl + pr - kw) // stride + 1
-  x = x.astype(dtype)
-  w = w.astype(dtype)
-  if stride == 2:
-    x, w = _fold_stride2(x, w, padding, oh, ow)
-    kh, kw, cin = w.shape[0], w.shape[1], w.shape[2]
-  elif stride == 1:
-    x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-  else:
-    raise ValueError(f"conv2d_matmul supports stride 1 or 2, got {stride}")
+  cout = w.shape[3]
+  x, w, oh, ow = _as_stride1(x, w, stride, padding, dtype)
+  kh, kw, cin = w.shape[:3]
   if kh == 1 and kw > 1:
-    taps = w[0].transpose(1, 0, 2).reshape(cin, kw * cout)  # columns (j, o)
-    y = jax.lax.dot_general(x[:, :oh, :ow + kw - 1], taps, (((3,), (0,)), ((), ())),
-                            preferred_element_type=jnp.float32)
-    return sum(y[:, :, j:j + ow, j * cout:(j + 1) * cout] for j in range(kw))
+    return conv2d_tap_matmul(x, w, 1, 0, dtype)
   cols = x[:, :, :ow] if kw == 1 else jnp.concatenate([x[:, :, j:j + ow] for j in range(kw)], -1)
-  rows = oh + kh - 1
   kernel = w.transpose(1, 2, 0, 3).reshape(kw * cin, kh * cout)  # rows (j, c), columns (i, o)
-  y = jax.lax.dot_general(cols[:, :rows], kernel, (((3,), (0,)), ((), ())),
+  y = jax.lax.dot_general(cols[:, :oh + kh - 1], kernel, (((3,), (0,)), ((), ())),
                           preferred_element_type=jnp.float32)
-  out = y[:, :oh, :, :cout]
-  for i in range(1, kh):
-    out = out + y[:, i:i + oh, :, i * cout:(i + 1) * cout]
-  return out
+  return _shifted_sum(y, [(i, 0) for i in range(kh)], oh, ow, cout)
+
+
+def conv2d_tap_matmul(x: jax.Array, w: jax.Array, stride: int = 1, padding=0,
+                      dtype=jnp.bfloat16) -> jax.Array:
+  """`conv2d_matmul` with every tap on the matmul's N: one dot_general of the padded
+  input by all kh kw taps (K = Cin, N = kh kw Cout), its shifted output slices summed.
+
+  Same arguments and result as `conv2d_matmul`. It copies no input, but holds kh kw
+  outputs' worth of float32 products. In bfloat16 on CPU (AVX-512, ms against
+  `conv2d_matmul`) it wins on the transposed convolutions' 2x2 phases from 64x64
+  outputs (256->128 at 128x128: 20 against 31; 512->256 at 64x64: 13 against 19),
+  not on small grids (3x3 512->512 at 17x17: 6.8 against 6.0). Single 3x3 convs
+  win too (64->64 at 256x256: 30 against 49), but the paper anonymize ran about
+  10% slower with its 3x3 convs in this form (in-process A/B, 10 calls each) and
+  2 to 9% faster with only the kernels of up to 4 taps in it.
+  """
+  cout = w.shape[3]
+  x, w, oh, ow = _as_stride1(x, w, stride, padding, dtype)
+  kh, kw, cin = w.shape[:3]
+  taps = w.transpose(2, 0, 1, 3).reshape(cin, kh * kw * cout)  # columns (i, j, o)
+  y = jax.lax.dot_general(x[:, :oh + kh - 1, :ow + kw - 1], taps, (((3,), (0,)), ((), ())),
+                          preferred_element_type=jnp.float32)
+  return _shifted_sum(y, [(i, j) for i in range(kh) for j in range(kw)], oh, ow, cout)
 
 
 def _channel_dot(x: jax.Array, w: jax.Array, precision=None, operand_dtype=None) -> jax.Array:
@@ -297,7 +323,7 @@ def conv2d_stride2_taps(x: jax.Array, w: jax.Array, padding, precision=None,
   4x4 stride-2 kernels at 55-105 GFLOP/s, these matmuls at 90-125.
   `operand_dtype`: as `_channel_dot`'s (the folding stays in x's dtype).
   """
-  oh, ow = _stride2_out_size(x.shape, w.shape, padding)
+  oh, ow = _conv_out_size(x.shape, w.shape, 2, padding)
   folded, taps = _fold_stride2(x, w.astype(x.dtype), padding, oh, ow)
   out = None
   for a in range(taps.shape[0]):
@@ -394,7 +420,7 @@ def conv4x4_stride2_winograd(x: jax.Array, w: jax.Array, padding, precision=None
   channels, which takes 9 multiplications per 4 outputs instead of 16.
   `operand_dtype`: as `winograd_conv`'s.
   """
-  oh, ow = _stride2_out_size(x.shape, w.shape, padding)
+  oh, ow = _conv_out_size(x.shape, w.shape, 2, padding)
   if w.shape[:2] != (4, 4) or oh % 2 or ow % 2:
     raise ValueError(f"conv4x4_stride2_winograd takes 4x4 kernels with even output sides, "
                      f"got kernel {w.shape[:2]} and output {oh}x{ow}")
@@ -439,6 +465,8 @@ _WINOGRAD3_MIN_TILES = 64
 _WINOGRAD4_MIN_IN_FEATURES = 256
 _WINOGRAD4_MIN_TILES = 256
 _WINOGRAD_STRIDE2_MIN_TILES = 256
+_TAP_MATMUL_MIN_OUTPUTS = 64 * 64  # bfloat16 `conv2d_tap_matmul`, see there
+_TAP_MATMUL_MAX_TAPS = 4
 
 
 def _cpu_matmul_form(x_shape, w_shape, strides, padding, operand_dtype=None):
@@ -459,7 +487,7 @@ def _cpu_matmul_form(x_shape, w_shape, strides, padding, operand_dtype=None):
   strides, padding = tuple(strides), tuple(tuple(p) for p in padding)
   if (strides == (2, 2) and kh == kw and kh % 2 == 0 and cin >= _MATMUL_MIN_IN_FEATURES
       and all(p >= 0 for pair in padding for p in pair)):
-    oh, ow = _stride2_out_size(x_shape, w_shape, padding)
+    oh, ow = _conv_out_size(x_shape, w_shape, 2, padding)
     if (kh == 4 and oh % 2 == 0 and ow % 2 == 0
         and b * (oh // 2) * (ow // 2) >= _WINOGRAD_STRIDE2_MIN_TILES):
       return lambda x, w, precision: conv4x4_stride2_winograd(x, w, padding, precision,
@@ -481,19 +509,27 @@ def _is_1x1_unpadded(w_shape, padding) -> bool:
 
 
 def _conv2d_low_precision(x: jax.Array, w: jax.Array, stride: int, padding, dtype) -> jax.Array:
-  """`conv2d` with `dtype` matmul operands and float32 accumulation and result: on CPU
-  the `_cpu_matmul_form` for the shape (its transforms in float32), else `conv2d_matmul`."""
+  """`conv2d` with `dtype` matmul operands and float32 accumulation and result. On CPU:
+  the `_cpu_matmul_form` for the shape (its transforms in float32), or else
+  `conv2d_tap_matmul` for kernels of up to `_TAP_MATMUL_MAX_TAPS` taps over at
+  least `_TAP_MATMUL_MIN_OUTPUTS` output pixels; everywhere else `conv2d_matmul`."""
   padding = tuple(tuple(p) for p in padding)
 
   def direct(x, w):
     return conv2d_matmul(x, w, stride, padding, dtype)
 
-  form = _cpu_matmul_form(x.shape, w.shape, (stride, stride), padding, dtype)
-  if form is None:
+  def on_cpu(x, w):
+    form = _cpu_matmul_form(x.shape, w.shape, (stride, stride), padding, dtype)
+    if form is not None:
+      return form(x.astype(jnp.float32), w.astype(jnp.float32), None)
+    return conv2d_tap_matmul(x, w, stride, padding, dtype)
+
+  oh, ow = _conv_out_size(x.shape, w.shape, stride, padding)
+  if (_cpu_matmul_form(x.shape, w.shape, (stride, stride), padding, dtype) is None
+      and (x.shape[0] * oh * ow < _TAP_MATMUL_MIN_OUTPUTS
+           or w.shape[0] * w.shape[1] > _TAP_MATMUL_MAX_TAPS)):
     return direct(x, w)
-  return jax.lax.platform_dependent(
-      x, w, cpu=lambda x, w: form(x.astype(jnp.float32), w.astype(jnp.float32), None),
-      default=direct)
+  return jax.lax.platform_dependent(x, w, cpu=on_cpu, default=direct)
 
 
 def conv2d(x: jax.Array, w: jax.Array, stride: int = 1, padding=0, dtype=None) -> jax.Array:
