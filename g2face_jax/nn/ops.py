@@ -518,16 +518,16 @@ def _conv2d_low_precision(x: jax.Array, w: jax.Array, stride: int, padding, dtyp
   def direct(x, w):
     return conv2d_matmul(x, w, stride, padding, dtype)
 
-  def on_cpu(x, w):
-    form = _cpu_matmul_form(x.shape, w.shape, (stride, stride), padding, dtype)
-    if form is not None:
-      return form(x.astype(jnp.float32), w.astype(jnp.float32), None)
-    return conv2d_tap_matmul(x, w, stride, padding, dtype)
-
   oh, ow = _conv_out_size(x.shape, w.shape, stride, padding)
-  if (_cpu_matmul_form(x.shape, w.shape, (stride, stride), padding, dtype) is None
-      and (x.shape[0] * oh * ow < _TAP_MATMUL_MIN_OUTPUTS
-           or w.shape[0] * w.shape[1] > _TAP_MATMUL_MAX_TAPS)):
+  form = _cpu_matmul_form(x.shape, w.shape, (stride, stride), padding, dtype)
+  if form is not None:
+    def on_cpu(x, w):
+      return form(x.astype(jnp.float32), w.astype(jnp.float32), None)
+  elif (x.shape[0] * oh * ow >= _TAP_MATMUL_MIN_OUTPUTS
+        and w.shape[0] * w.shape[1] <= _TAP_MATMUL_MAX_TAPS):
+    def on_cpu(x, w):
+      return conv2d_tap_matmul(x, w, stride, padding, dtype)
+  else:
     return direct(x, w)
   return jax.lax.platform_dependent(x, w, cpu=on_cpu, default=direct)
 
