@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from g2face_jax import bundle as bundle_lib
-from g2face_jax import faces, keys, payload, pipeline
+from g2face_jax import faces, hoist, keys, payload, pipeline
 from g2face_jax import secure_payload
 from g2face_jax.nn import decoder
 
@@ -162,6 +162,7 @@ class Anonymizer:
     self.size = int(self.bundle.config.model.size)
     self.nets = pipeline.Networks.from_config(self.bundle.config.model)
     self._variables = None
+    self._stages = None
 
   def require(self, operation: str) -> None:
     """BundleError (one line) if the bundle lacks a network `operation` needs."""
@@ -173,6 +174,14 @@ class Anonymizer:
       present = [n for n in pipeline.NETWORKS if n in self.bundle.variables]
       self._variables = {n: jax.device_put(self.bundle.variables[n]) for n in present}
     return self._variables
+
+  @property
+  def stages(self) -> hoist.Stages:
+    """The pipeline stages on this bundle's variables, their weight-only work done once
+    (`hoist`)."""
+    if self._stages is None:
+      self._stages = hoist.Stages(self.nets, self.variables)
+    return self._stages
 
   # --- faces of a photo ---
 
@@ -232,15 +241,15 @@ class Anonymizer:
 
   def _anonymize_face(self, crop: np.ndarray, context: bytes) -> np.ndarray:
     x = crop[None]
-    analysis = pipeline.analyze(self.nets, self.variables, x)
+    analysis = self.stages.analyze(x)
     z, bits, noise = self.face_code(np.asarray(analysis["arc_id"][0]), context)
-    out = pipeline.anonymize(self.nets, self.variables, x, analysis["coeff"], z, bits, noise)
+    out = self.stages.anonymize(x, analysis["coeff"], z, bits, noise)
     return np.asarray(out["anon"][0])
 
   def _hidden_identity(self, crop: np.ndarray, codec: str, layout: str | None,
                        face: int) -> tuple[np.ndarray, np.ndarray]:
     """(identity (512,), extracted bits (512, 32)) of one anonymized crop."""
-    extracted = pipeline.extract_identity(self.nets, self.variables, crop[None])
+    extracted = self.stages.extract_identity(crop[None])
     return self.read_payload(np.asarray(extracted["logits"][0]), codec, layout, f"face {face}")
 
   def read_payload(self, logits: np.ndarray, codec: str, layout: str | None,
@@ -295,8 +304,8 @@ class Anonymizer:
     recovered = []
     for i, crop in enumerate(crops):
       identity, bits = self._hidden_identity(crop, stamp.codec, stamp.layout, i)
-      out = pipeline.restore(self.nets, self.variables, crop[None], identity[None], bits[None],
-                             self._noise(b"recover/" + digest + b"/face%d" % i))
+      out = self.stages.restore(crop[None], identity[None], bits[None],
+                                self._noise(b"recover/" + digest + b"/face%d" % i))
       recovered.append(np.asarray(out["recovered"][0]))
     return self._compose(image, recovered, quads), len(crops)
 
@@ -307,7 +316,7 @@ class Anonymizer:
     else:
       quad = max(self._detect(image), key=lambda q: np.linalg.norm(q[3] - q[0]))
       crop = faces.align(image, quad, self.size)
-    return np.asarray(pipeline.analyze(self.nets, self.variables, crop[None])["arc_id"][0])
+    return np.asarray(self.stages.analyze(crop[None])["arc_id"][0])
 
   def verify_image(self, anon: np.ndarray, reference: np.ndarray, stamp: Stamp | None = None,
                    aligned: bool = False) -> list[float]:

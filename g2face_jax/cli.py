@@ -200,7 +200,8 @@ def _bench(args) -> int:
     return 0
   for batch in bench.parse_batches(args.batch):
     result = bench.run(args.config, batch, args.rounds, dtype=args.dtype,
-                       micro_batch=args.micro_batch, matmul_precision=args.matmul_precision)
+                       micro_batch=args.micro_batch, matmul_precision=args.matmul_precision,
+                       hoisted=not args.per_call_weights)
     print(json.dumps(result) if args.json else bench.format_result(result), flush=True)
   return 0
 
@@ -422,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--reuse-freed-memory", action="store_true", help="keep freed host memory in "
                  "the process (glibc mallopt) instead of mapping every run's buffers afresh: "
                  "fewer page faults, resident memory that does not shrink (host_memory)")
+  p.add_argument("--per-call-weights", action="store_true", help="time the jitted official "
+                 "chains, which redo the work that depends on the weights alone in every call "
+                 "(default: that work done once, as the API and CLI run on one CPU device)")
   p.add_argument("--train", action="store_true", help="time one training iteration instead "
                  "(the config's global batch and mesh; e.g. --config smoke)")
   p.add_argument("--devices", help="with --train on CPU: simulated device counts to compare, "

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from g2face_jax import config as config_lib
-from g2face_jax import models, payload, pipeline
+from g2face_jax import hoist, models, payload, pipeline
 from g2face_jax.convert import bfm as convert_bfm
 from g2face_jax.convert import recipe, sources
 from g2face_jax.convert import stylegan as convert_stylegan
@@ -196,7 +196,8 @@ def pipeline_noise(folder: str) -> list[np.ndarray]:
 DECISIVE_LOGIT = 1e-3  # extracted bits are compared where |official logit| exceeds this
 
 
-def compare_pipeline(nets: pipeline.Networks, variables: dict, folder: str) -> dict[str, float]:
+def compare_pipeline(nets: pipeline.Networks, variables: dict, folder: str,
+                     hoisted: bool = False) -> dict[str, float]:
   """Errors of every pipeline stage against the folder's pipeline fixture.
 
   `variables` as converted from the official files; the fixture script's
@@ -209,25 +210,27 @@ def compare_pipeline(nets: pipeline.Networks, variables: dict, folder: str) -> d
   the fixture's `hide_bits` (and the codec is checked on the fixture's
   `arc_id`). Extracted bits whose official logit lies within float noise of 0
   are taken from the fixture. Stages 7-8 run from the fixture's own `anon` /
-  `extracted_id` and end to end from our `anon`.
+  `extracted_id` and end to end from our `anon`. `hoisted`: the stages run
+  through `hoist.Stages` (weight-only work done once) instead of as they are.
   """
   fx = _load(folder, "pipeline")
   variables = with_fixture_batch_stats(nets, variables, folder)
+  stages = hoist.Stages(nets, variables, hoisted=hoisted)
   noise = pipeline_noise(folder)
   x, hide_bits, ref_logits = nhwc(fx["x"]), fx["hide_bits"], fx["logits"]
   decisive = np.abs(ref_logits) > DECISIVE_LOGIT
 
   errs = {}
-  analyzed = pipeline.analyze(nets, variables, x)
+  analyzed = stages.analyze(x)
   errs["arc_id"] = rel_err(analyzed["arc_id"], fx["arc_id"])
   errs["coeff"] = rel_err(analyzed["coeff"], fx["coeff"])
   errs["hide_bits (share wrong)"] = float(np.mean(
       np.asarray(payload.float_to_bits(fx["arc_id"])) != hide_bits))
-  anon = pipeline.anonymize(nets, variables, x, analyzed["coeff"], fx["z"], hide_bits, noise)["anon"]
+  anon = stages.anonymize(x, analyzed["coeff"], fx["z"], hide_bits, noise)["anon"]
   errs["anon"] = rel_err(nchw(anon), fx["anon"])
 
   def extract(image):
-    out = pipeline.extract_identity(nets, variables, image)
+    out = stages.extract_identity(image)
     bits = np.where(decisive, np.asarray(out["bits"]), ref_logits > 0)
     wrong = float(np.mean(np.asarray(out["bits"])[decisive] != (ref_logits[decisive] > 0)))
     return out["logits"], payload.decode_identity(bits), wrong
@@ -236,7 +239,7 @@ def compare_pipeline(nets: pipeline.Networks, variables: dict, folder: str) -> d
   errs["logits"] = rel_err(logits, ref_logits)
   errs["bits (share wrong)"] = wrong
   errs["extracted_id"] = rel_err(extracted_id, fx["extracted_id"])
-  restored = pipeline.restore(nets, variables, nhwc(fx["anon"]), fx["extracted_id"], hide_bits, noise)
+  restored = stages.restore(nhwc(fx["anon"]), fx["extracted_id"], hide_bits, noise)
   errs["coeff_anon"] = rel_err(restored["coeff_anon"], fx["coeff_anon"])
   errs["recovered"] = rel_err(nchw(restored["recovered"]), fx["recovered"])
 
@@ -244,7 +247,7 @@ def compare_pipeline(nets: pipeline.Networks, variables: dict, folder: str) -> d
   errs["logits (end to end)"] = rel_err(logits, ref_logits)
   errs["bits (end to end, share wrong)"] = wrong
   errs["extracted_id (end to end)"] = rel_err(extracted_id, fx["extracted_id"])
-  end = pipeline.restore(nets, variables, anon, extracted_id, hide_bits, noise)
+  end = stages.restore(anon, extracted_id, hide_bits, noise)
   errs["recovered (end to end)"] = rel_err(nchw(end["recovered"]), fx["recovered"])
   return errs
 

@@ -150,11 +150,11 @@ class PerfectExtractor:
     self.hidden, self.calls = [], 0
     real_anonymize = pipeline.anonymize
 
-    def anonymize(nets, variables, x, coeff, z, hide_bits, noise):
+    def anonymize(nets, variables, x, coeff, z, hide_bits, noise, **static):
       self.hidden.append(np.asarray(hide_bits))
-      return real_anonymize(nets, variables, x, coeff, z, hide_bits, noise)
+      return real_anonymize(nets, variables, x, coeff, z, hide_bits, noise, **static)
 
-    def extract_identity(nets, variables, anon):
+    def extract_identity(nets, variables, anon, **static):
       bits = self.hidden[self.calls % len(self.hidden)]
       self.calls += 1
       return dict(logits=(bits * 2 - 1) * 8.0, bits=bits,

@@ -363,3 +363,37 @@ def test_kernel_energy_is_the_sum_over_taps(k):
   w = RNG.standard_normal((k, k, 6, 5)).astype(np.float32)
   np.testing.assert_allclose(ops.kernel_energy(w), np.square(w.astype(np.float64)).sum(axis=(0, 1)),
                              rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape,padding", [((2, 6, 8, 5), ((1, 1), (1, 1))),
+                                           ((1, 7, 9, 5), ((1, 0), (0, 2))),
+                                           ((1, 6, 6, 5), ((0, 0), (0, 0)))])
+def test_conv2x2_winograd_matches_numpy(shape, padding):
+  """F(2x2, 2x2) on a 2x2 stride-1 kernel, odd output sides (cropped) included."""
+  x = RNG.standard_normal(shape).astype(np.float32)
+  w = RNG.standard_normal((2, 2, shape[3], 7)).astype(np.float32)
+  ref = conv_numpy(np.pad(x, ((0, 0),) + padding + ((0, 0),)), w, 1, 0)
+  got = ops.conv2x2_winograd(x, w, padding)
+  assert got.shape == ref.shape
+  np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("shape,kernel,stride,dots", [
+    ((1, 8, 8, 128), 3, 1, 16), ((1, 32, 32, 256), 3, 1, 36), ((1, 4, 4, 128), 3, 1, 0),
+    ((1, 32, 32, 128), 4, 2, 9), ((1, 8, 8, 128), 4, 2, 0), ((1, 16, 16, 128), 2, 1, 9),
+    ((1, 8, 8, 128), 2, 1, 0)])
+def test_hoisted_cpu_forms_take_winograd_on_smaller_grids(shape, kernel, stride, dots):
+  """Within `hoisted_cpu_forms` (kernel transforms done once) the Winograd forms start
+  at smaller grids than in a jitted program, 2x2 kernels included (0 dots: `lax.conv`),
+  with no platform branch; all match a float64 loop."""
+  x = RNG.standard_normal(shape).astype(np.float32)
+  w = (RNG.standard_normal((kernel, kernel, shape[3], 2))
+       / np.sqrt(kernel * kernel * shape[3])).astype(np.float32)
+  with ops.hoisted_cpu_forms():
+    program = jax.make_jaxpr(lambda x, w: ops.conv2d(x, w, stride, 1))(x, w).pretty_print()
+    got = jax.jit(lambda x, w: ops.conv2d(x, w, stride, 1))(x, w)
+  assert "cond" not in program
+  assert program.count("dot_general") == dots
+  assert ("conv_general_dilated" in program) == (dots == 0)
+  ref = conv_numpy(np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), w, stride, 0)
+  np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * np.abs(ref).max())

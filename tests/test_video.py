@@ -86,9 +86,9 @@ class Recorder:
     self.calls = []
     real = pipeline.anonymize
 
-    def anonymize(nets, variables, x, coeff, z, hide_bits, noise):
+    def anonymize(nets, variables, x, coeff, z, hide_bits, noise, **static):
       self.calls.append((np.asarray(z), np.asarray(hide_bits), [np.asarray(n) for n in noise]))
-      return real(nets, variables, x, coeff, z, hide_bits, noise)
+      return real(nets, variables, x, coeff, z, hide_bits, noise, **static)
 
     monkeypatch.setattr(pipeline, "anonymize", anonymize)
 
@@ -99,9 +99,9 @@ def test_anonymize_and_recover_a_clip_from_the_command_line(capsys, monkeypatch,
   restored = []
   real_restore = pipeline.restore
 
-  def restore(nets, variables, anon, identity, hide_bits, noise):
+  def restore(nets, variables, anon, identity, hide_bits, noise, **static):
     restored.append(np.asarray(identity))
-    return real_restore(nets, variables, anon, identity, hide_bits, noise)
+    return real_restore(nets, variables, anon, identity, hide_bits, noise, **static)
 
   monkeypatch.setattr(pipeline, "restore", restore)
   result = _anonymize(capsys, clip, tmp_path / "a", bundle_dir, key_file)

@@ -7,6 +7,7 @@ PyTorch's NCHW is never seen here: callers and converters deal with it.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Sequence
 
@@ -428,6 +429,22 @@ def conv4x4_stride2_winograd(x: jax.Array, w: jax.Array, padding, precision=None
   return winograd_conv(folded, kernel, WINOGRAD_F2_2, oh, ow, precision, operand_dtype)
 
 
+def conv2x2_winograd(x: jax.Array, w: jax.Array, padding, precision=None) -> jax.Array:
+  """2x2 stride-1 convolution by Winograd F(2x2, 2x2) (9 multiplications per 4 outputs
+  instead of 16).
+
+  x (B,H,W,Cin), w (2,2,Cin,Cout), padding ((top, bottom), (left, right)), all >= 0
+  -> (B, oh, ow, Cout) as `lax.conv` gives it to float32 rounding. Odd output sides
+  are computed one row or column longer (more zero padding) and cropped.
+  """
+  (pt, pb), (pl, pr) = padding
+  oh, ow = _conv_out_size(x.shape, w.shape, 1, padding)
+  eh, ew = oh % 2, ow % 2
+  xp = jnp.pad(x, ((0, 0), (pt, pb + eh), (pl, pr + ew), (0, 0)))
+  out = winograd_conv(xp, w.astype(x.dtype), WINOGRAD_F2_2, oh + eh, ow + ew, precision)
+  return out[:, :oh, :ow]
+
+
 # When `conv_general_dilated` lowers for CPU, some convolution shapes run as
 # matmuls, from what XLA's CPU convolutions measured against them (single
 # convolutions, batch 1, ms; "AVX2": 2 AVX2-only cores, "AVX-512": 2 AVX-512
@@ -467,6 +484,21 @@ _WINOGRAD4_MIN_TILES = 256
 _WINOGRAD_STRIDE2_MIN_TILES = 256
 _TAP_MATMUL_MIN_OUTPUTS = 64 * 64  # bfloat16 `conv2d_tap_matmul`, see there
 _TAP_MATMUL_MAX_TAPS = 4
+# Within `hoisted_cpu_forms` the kernel transforms cost nothing per call, and the
+# float32 Winograd forms win on smaller grids (single convs, kernels prepared
+# once, AVX-512, best of 15, ms): 3x3 512->512 F(4x4, 3x3) at 32x32 (64 tiles)
+# 9.6 against 12.0 for F(2x2, 3x3), which stays ahead at 16x16 (3.9 against 4.5)
+# and takes 8x8 (1.3 to 1.8 against 2.8 to 4.0 for `lax.conv`; at 4x4 1.0
+# against 0.6); 4x4 stride-2 512->512 F(2x2, 2x2) from 32x32 in (8.6 against
+# 12.5 for the taps) and 16x16 (3.7 against 4.5), `lax.conv` at 8x8 (1.8 to 2.7
+# against 2.4 to 3.1 for the taps); the transposed convs' 2x2 phases F(2x2, 2x2)
+# (`conv2x2_winograd`): 22 against 31 at 128x128 256->128, 15 against 24 at
+# 64x64 512->256, 7.3 against 11.3 at 32x32, 2.6 against 3.2 at 16x16, even at
+# 8x8 and a loss at 4x4.
+_HOISTED_WINOGRAD4_MIN_TILES = 64
+_HOISTED_WINOGRAD3_MIN_TILES = 16
+_HOISTED_WINOGRAD_STRIDE2_MIN_TILES = 16
+_HOISTED_WINOGRAD2_MIN_TILES = 64
 
 
 def _cpu_matmul_form(x_shape, w_shape, strides, padding, operand_dtype=None):
@@ -485,23 +517,59 @@ def _cpu_matmul_form(x_shape, w_shape, strides, padding, operand_dtype=None):
   kh, kw, cin = w_shape[:3]
   b, h, wd = x_shape[:3]
   strides, padding = tuple(strides), tuple(tuple(p) for p in padding)
+  hoisted = _tracing_for_cpu and operand_dtype is None
   if (strides == (2, 2) and kh == kw and kh % 2 == 0 and cin >= _MATMUL_MIN_IN_FEATURES
       and all(p >= 0 for pair in padding for p in pair)):
     oh, ow = _conv_out_size(x_shape, w_shape, 2, padding)
-    if (kh == 4 and oh % 2 == 0 and ow % 2 == 0
-        and b * (oh // 2) * (ow // 2) >= _WINOGRAD_STRIDE2_MIN_TILES):
+    min_tiles = _HOISTED_WINOGRAD_STRIDE2_MIN_TILES if hoisted else _WINOGRAD_STRIDE2_MIN_TILES
+    if kh == 4 and oh % 2 == 0 and ow % 2 == 0 and b * (oh // 2) * (ow // 2) >= min_tiles:
       return lambda x, w, precision: conv4x4_stride2_winograd(x, w, padding, precision,
                                                               operand_dtype)
+    if hoisted and kh == 4:
+      return None
     return lambda x, w, precision: conv2d_stride2_taps(x, w, padding, precision, operand_dtype)
   if strides == (1, 1) and (kh, kw) == (3, 3) and padding == ((1, 1), (1, 1)):
+    min_tiles4 = _HOISTED_WINOGRAD4_MIN_TILES if hoisted else _WINOGRAD4_MIN_TILES
+    min_tiles2 = _HOISTED_WINOGRAD3_MIN_TILES if hoisted else _WINOGRAD3_MIN_TILES
     if (operand_dtype is None and h % 4 == 0 and wd % 4 == 0
-        and cin >= _WINOGRAD4_MIN_IN_FEATURES and b * (h // 4) * (wd // 4) >= _WINOGRAD4_MIN_TILES):
+        and cin >= _WINOGRAD4_MIN_IN_FEATURES and b * (h // 4) * (wd // 4) >= min_tiles4):
       return lambda x, w, precision: conv3x3_winograd(x, w, precision, WINOGRAD_F4_3)
     if (h % 2 == 0 and wd % 2 == 0 and cin >= _WINOGRAD3_MIN_IN_FEATURES
-        and b * (h // 2) * (wd // 2) >= _WINOGRAD3_MIN_TILES):
+        and b * (h // 2) * (wd // 2) >= min_tiles2):
       return lambda x, w, precision: conv3x3_winograd(x, w, precision, WINOGRAD_F2_3,
                                                       operand_dtype)
+  if (hoisted and strides == (1, 1) and (kh, kw) == (2, 2) and cin >= _MATMUL_MIN_IN_FEATURES
+      and all(p >= 0 for pair in padding for p in pair)):
+    oh, ow = _conv_out_size(x_shape, w_shape, 1, padding)
+    if b * ((oh + 1) // 2) * ((ow + 1) // 2) >= _HOISTED_WINOGRAD2_MIN_TILES:
+      return lambda x, w, precision: conv2x2_winograd(x, w, padding, precision)
   return None
+
+
+_tracing_for_cpu = False
+
+
+@contextlib.contextmanager
+def hoisted_cpu_forms():
+  """Within it, convolutions are traced for a CPU program whose kernel-only work is
+  done once (`hoist`): the CPU forms directly, not behind `jax.lax.platform_dependent`
+  (so no other platform's branch is in the program), picked for kernel transforms
+  that cost nothing per call (`_HOISTED_*`). Not for functions whose trace a
+  `jax.jit` caches: the cache does not know of this setting."""
+  global _tracing_for_cpu
+  previous, _tracing_for_cpu = _tracing_for_cpu, True
+  try:
+    yield
+  finally:
+    _tracing_for_cpu = previous
+
+
+def _by_platform(x: jax.Array, w: jax.Array, cpu, default) -> jax.Array:
+  """cpu(x, w) on CPU, default(x, w) elsewhere (chosen when lowering, or now within
+  `hoisted_cpu_forms`)."""
+  if _tracing_for_cpu:
+    return cpu(x, w)
+  return jax.lax.platform_dependent(x, w, cpu=cpu, default=default)
 
 
 def _is_1x1_unpadded(w_shape, padding) -> bool:
@@ -529,7 +597,7 @@ def _conv2d_low_precision(x: jax.Array, w: jax.Array, stride: int, padding, dtyp
       return conv2d_tap_matmul(x, w, stride, padding, dtype)
   else:
     return direct(x, w)
-  return jax.lax.platform_dependent(x, w, cpu=on_cpu, default=direct)
+  return _by_platform(x, w, on_cpu, direct)
 
 
 def conv2d(x: jax.Array, w: jax.Array, stride: int = 1, padding=0, dtype=None) -> jax.Array:
@@ -579,8 +647,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
       return conv1x1(lhs, rhs, window_strides[0], precision)
     cpu_form = _cpu_matmul_form(lhs.shape, rhs.shape, window_strides, padding)
     if cpu_form is not None:
-      return jax.lax.platform_dependent(
-          lhs, rhs, cpu=lambda x, w: cpu_form(x, w, precision), default=by_lax)
+      return _by_platform(lhs, rhs, lambda x, w: cpu_form(x, w, precision), by_lax)
   return by_lax(lhs, rhs)
 
 

@@ -241,12 +241,12 @@ def _decide(tool, track: tracking.Track, opts: Options) -> tuple[str, float | No
 # --- pass 2: anonymize and write ---
 
 def _anonymize_batch(tool, x, z, bits, *noise):
-  coeff = pipeline.analyze(tool.nets, tool.variables, x)["coeff"]
-  return (pipeline.anonymize(tool.nets, tool.variables, x, coeff, z, bits, list(noise))["anon"],)
+  coeff = tool.stages.analyze(x)["coeff"]
+  return (tool.stages.anonymize(x, coeff, z, bits, list(noise))["anon"],)
 
 
 def _extract_batch(tool, x):
-  return (pipeline.extract_identity(tool.nets, tool.variables, x)["logits"],)
+  return (tool.stages.extract_identity(x)["logits"],)
 
 
 def anonymize_video(tool: anonymizer.Anonymizer, src: str, dst: str,
@@ -399,8 +399,7 @@ def read_stamp(path: str) -> stamp_lib.VideoStamp | None:
 
 
 def _restore_batch(tool, anon, identity, bits, *noise):
-  return (pipeline.restore(tool.nets, tool.variables, anon, identity, bits,
-                           list(noise))["recovered"],)
+  return (tool.stages.restore(anon, identity, bits, list(noise))["recovered"],)
 
 
 def recover_video(tool: anonymizer.Anonymizer, src: str, dst: str,
