@@ -7,10 +7,12 @@ the API and CLI run them, weight-only work done once on CPU; `hoisted=False`:
 `pipeline.official_anonymize` / `official_recover`, one jitted program each) in
 the compute dtype (float32, the official computation, or bfloat16) and matmul
 precision (float32, or TF32 on GPUs) on random crops and returns one flat dict:
-compile time apart from run time (the first call compiles), the best steady
-run of `rounds`, seconds and images per second per image, XLA's FLOP count of
-each path (`Lowered.cost_analysis`) and the achieved GFLOP/s, the process's
-peak resident memory and the device.
+compile time apart from run time (the first call compiles, and with hoisting
+also splits and computes the residuals), the best steady run of `rounds`,
+seconds and images per second per image, XLA's FLOP count of each jitted
+official chain (`Lowered.cost_analysis`, weight-only work included, also when
+the timed stages are hoisted) and the achieved GFLOP/s, the process's peak
+resident memory and the device.
 
 `run_train(config)` times the whole training iteration (anonymize, recover and
 discriminator updates, sharded over this process's devices as in `g2face

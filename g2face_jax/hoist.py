@@ -7,15 +7,20 @@ every call. `bind` traces a stage once per input shape and splits its program
 by JAX's partial evaluation (the same split that `jax.linearize` makes): the
 weight-only part runs once and its results ("residuals") are kept, and the
 per-call program takes them in place of the weights. Results equal the stage's
-to float32 rounding (XLA fuses the two programs differently).
-
-Costs: the residuals stay in memory for as long as the bound stage lives
-(residuals that are weights unchanged are the weights themselves, not
-copies), and every new input shape traces and splits again.
+to float32 rounding (other convolution forms, other fusions); the official
+parity test passes through it.
 
 Only on one CPU device (`hoists`): there the stages' convolutions trace their
-CPU forms directly (`ops.hoisted_cpu_forms`), so the split keeps nothing for other
-platforms. Elsewhere `bind` returns the jitted stage itself.
+CPU forms directly (`ops.hoisted_cpu_forms`), so the split keeps nothing for
+other platforms, and take Winograd forms on smaller grids than a jitted
+program does, since their kernel transforms are no longer paid per call.
+Elsewhere `bind` returns the jitted stage itself.
+
+Costs: the residuals stay in memory for as long as the bound stage lives
+(residuals that are weights unchanged are the weights themselves, not copies;
+equal residuals of the stages of one `Stages` are kept once), and the first
+call of every input shape traces, splits and compiles two programs (the
+paper config's anonymize: about 10 s more than the jitted stage's compile).
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from g2face_jax import bundle, config, keys, models, pipeline
+from g2face_jax.nn import decoder
 from g2face_jax.parity import nhwc, rel_err  # noqa: F401  (shared by the tests)
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -83,3 +84,16 @@ def tiny_config():
   cfg = config.load("tiny")
   cfg.model.arcface_layers = (1, 1, 1, 1)  # a shallow ArcFace keeps the tests fast
   return cfg
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_config):
+  """The tiny config's networks, random variables and a batch of 2: x, z and noise."""
+  model = tiny_config.model
+  nets = pipeline.Networks.from_config(model)
+  variables = random_variables(model, pipeline.NETWORKS)
+  rng = np.random.default_rng(0)
+  x = rng.uniform(-1, 1, (2, model.size, model.size, 3)).astype(np.float32)
+  z = rng.standard_normal((2, model.identity_dim)).astype(np.float32)
+  noise = [rng.standard_normal(s).astype(np.float32) for s in decoder.noise_shapes(model.size, 2)]
+  return nets, variables, x, z, noise

@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 
 from g2face_jax import hoist, payload, pipeline
-from g2face_jax.nn import decoder, ops
-
-from conftest import random_variables
+from g2face_jax.nn import ops
 
 RNG = np.random.default_rng(0)
 
@@ -72,18 +70,6 @@ def test_plain_jitted_stage_is_unchanged_after_a_hoisted_trace():
     hoist.bind(_conv_stage, None, variables)(x)
   cuda = _conv_stage.trace(None, variables, x).lower(lowering_platforms=("cuda",)).as_text()
   assert "stablehlo.convolution" in cuda
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_config):
-  model = tiny_config.model
-  nets = pipeline.Networks.from_config(model)
-  variables = random_variables(model, pipeline.NETWORKS)
-  rng = np.random.default_rng(1)
-  x = rng.uniform(-1, 1, (2, model.size, model.size, 3)).astype(np.float32)
-  z = rng.standard_normal((2, model.identity_dim)).astype(np.float32)
-  noise = [rng.standard_normal(s).astype(np.float32) for s in decoder.noise_shapes(model.size, 2)]
-  return nets, variables, x, z, noise
 
 
 def _assert_close(got: dict, want: dict, keys) -> None:

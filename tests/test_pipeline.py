@@ -9,7 +9,7 @@ import pytest
 from g2face_jax import parity, payload, pipeline
 from g2face_jax.nn import decoder
 
-from conftest import FIXTURES, random_variables
+from conftest import FIXTURES
 
 
 def test_every_stage_matches_the_official_pipeline():
@@ -17,18 +17,6 @@ def test_every_stage_matches_the_official_pipeline():
   bad = {k: v for k, v in errs.items() if not v <= parity.TOLERANCE}
   assert not bad, f"stages over {parity.TOLERANCE}: {bad}"
   assert errs["bits (share wrong)"] == 0 and errs["bits (end to end, share wrong)"] == 0
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_config):
-  model = tiny_config.model
-  nets = pipeline.Networks.from_config(model)
-  variables = random_variables(model, pipeline.NETWORKS)
-  rng = np.random.default_rng(0)
-  x = rng.uniform(-1, 1, (2, model.size, model.size, 3)).astype(np.float32)
-  z = rng.standard_normal((2, model.identity_dim)).astype(np.float32)
-  noise = [rng.standard_normal(s).astype(np.float32) for s in decoder.noise_shapes(model.size, 2)]
-  return nets, variables, x, z, noise
 
 
 def test_official_chain_hides_the_ieee_bits_of_the_identity(tiny):
