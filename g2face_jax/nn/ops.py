@@ -494,11 +494,38 @@ _TAP_MATMUL_MAX_TAPS = 4
 # against 2.4 to 3.1 for the taps); the transposed convs' 2x2 phases F(2x2, 2x2)
 # (`conv2x2_winograd`): 22 against 31 at 128x128 256->128, 15 against 24 at
 # 64x64 512->256, 7.3 against 11.3 at 32x32, 2.6 against 3.2 at 16x16, even at
-# 8x8 and a loss at 4x4.
+# 8x8 and a loss at 4x4. ArcFace's 3x3 256->256 convs at 14x14 (49 tiles):
+# F(2x2, 3x3) 1.1 against 2.6 for `lax.conv`.
 _HOISTED_WINOGRAD4_MIN_TILES = 64
 _HOISTED_WINOGRAD3_MIN_TILES = 16
 _HOISTED_WINOGRAD_STRIDE2_MIN_TILES = 16
 _HOISTED_WINOGRAD2_MIN_TILES = 64
+
+
+_hoisted_cpu_trace = False
+
+
+@contextlib.contextmanager
+def hoisted_cpu_forms():
+  """Within it, convolutions are traced for a CPU program whose kernel-only work is
+  done once (`hoist`): the CPU forms directly, not behind `jax.lax.platform_dependent`
+  (so no other platform's branch is in the program), picked for kernel transforms
+  that cost nothing per call (`_HOISTED_*`). Not for functions whose trace a
+  `jax.jit` caches: the cache does not know of this setting."""
+  global _hoisted_cpu_trace
+  previous, _hoisted_cpu_trace = _hoisted_cpu_trace, True
+  try:
+    yield
+  finally:
+    _hoisted_cpu_trace = previous
+
+
+def _by_platform(x: jax.Array, w: jax.Array, cpu, default) -> jax.Array:
+  """cpu(x, w) on CPU, default(x, w) elsewhere (chosen when lowering, or now within
+  `hoisted_cpu_forms`)."""
+  if _hoisted_cpu_trace:
+    return cpu(x, w)
+  return jax.lax.platform_dependent(x, w, cpu=cpu, default=default)
 
 
 def _cpu_matmul_form(x_shape, w_shape, strides, padding, operand_dtype=None):
@@ -512,12 +539,13 @@ def _cpu_matmul_form(x_shape, w_shape, strides, padding, operand_dtype=None):
   F(2x2, 3x3) 3.9e-3 against 2.35e-3, at 38 against 81 ms (128x128 256->256)
   and 28 against 61 (64x64 512->512); F(2x2, 2x2) for 4x4 stride 2 4.7e-3
   against 2.35e-3, at 39 against 73 ms (128x128 256->512). F(4x4, 3x3) is left
-  out: 1.6e-2.
+  out: 1.6e-2. Within `hoisted_cpu_forms` float32 convolutions follow the
+  `_HOISTED_*` rules instead.
   """
   kh, kw, cin = w_shape[:3]
   b, h, wd = x_shape[:3]
   strides, padding = tuple(strides), tuple(tuple(p) for p in padding)
-  hoisted = _tracing_for_cpu and operand_dtype is None
+  hoisted = _hoisted_cpu_trace and operand_dtype is None
   if (strides == (2, 2) and kh == kw and kh % 2 == 0 and cin >= _MATMUL_MIN_IN_FEATURES
       and all(p >= 0 for pair in padding for p in pair)):
     oh, ow = _conv_out_size(x_shape, w_shape, 2, padding)
@@ -544,32 +572,6 @@ def _cpu_matmul_form(x_shape, w_shape, strides, padding, operand_dtype=None):
     if b * ((oh + 1) // 2) * ((ow + 1) // 2) >= _HOISTED_WINOGRAD2_MIN_TILES:
       return lambda x, w, precision: conv2x2_winograd(x, w, padding, precision)
   return None
-
-
-_tracing_for_cpu = False
-
-
-@contextlib.contextmanager
-def hoisted_cpu_forms():
-  """Within it, convolutions are traced for a CPU program whose kernel-only work is
-  done once (`hoist`): the CPU forms directly, not behind `jax.lax.platform_dependent`
-  (so no other platform's branch is in the program), picked for kernel transforms
-  that cost nothing per call (`_HOISTED_*`). Not for functions whose trace a
-  `jax.jit` caches: the cache does not know of this setting."""
-  global _tracing_for_cpu
-  previous, _tracing_for_cpu = _tracing_for_cpu, True
-  try:
-    yield
-  finally:
-    _tracing_for_cpu = previous
-
-
-def _by_platform(x: jax.Array, w: jax.Array, cpu, default) -> jax.Array:
-  """cpu(x, w) on CPU, default(x, w) elsewhere (chosen when lowering, or now within
-  `hoisted_cpu_forms`)."""
-  if _tracing_for_cpu:
-    return cpu(x, w)
-  return jax.lax.platform_dependent(x, w, cpu=cpu, default=default)
 
 
 def _is_1x1_unpadded(w_shape, padding) -> bool:
