@@ -29,10 +29,14 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
-# No public JAX API splits a jaxpr by which inputs are known; this is the one
-# that `jax.linearize` and reverse-mode autodiff use.
-from jax._src.interpreters import partial_eval as pe
 from jax.extend import core as jex_core
+
+try:
+  # No public JAX API splits a jaxpr by which inputs are known; this is the one
+  # that `jax.linearize` and reverse-mode autodiff use.
+  from jax._src.interpreters.partial_eval import partial_eval_jaxpr_nounits
+except ImportError:  # a JAX without it: `hoists()` is False, the stages run as they are
+  partial_eval_jaxpr_nounits = None
 
 from g2face_jax import payload, pipeline
 from g2face_jax.nn import ops
@@ -75,7 +79,7 @@ class _Split:
 
     with ops.hoisted_cpu_forms():
       closed = jax.make_jaxpr(flat)(*w_leaves, *a_leaves)
-    known, per_call, _, residual_avals = pe.partial_eval_jaxpr_nounits(
+    known, per_call, _, residual_avals = partial_eval_jaxpr_nounits(
         closed, [False] * n_w + [True] * len(a_leaves), instantiate=True)
     self.out_tree = out_tree[0]
     # Residuals that are weights as they are: take the weights, compute the rest.
@@ -151,8 +155,9 @@ def bind(stage: Callable, nets: pipeline.Networks, variables: pipeline.Variables
 
 def hoists() -> bool:
   """Whether `bind` hoists here: on one CPU device (the stages' split over several
-  devices, `shard_map`, is left as it is)."""
-  return jax.default_backend() == "cpu" and jax.device_count() == 1
+  devices, `shard_map`, is left as it is), with a JAX that has the partial evaluation."""
+  return (partial_eval_jaxpr_nounits is not None and jax.default_backend() == "cpu"
+          and jax.device_count() == 1)
 
 
 class Stages:

@@ -28,7 +28,7 @@ def _conv_inputs():
   return variables, x
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="hoisting is CPU-only")
+@pytest.mark.skipif(not hoist.hoists(), reason="hoisting is for one CPU device")
 def test_per_call_program_takes_the_transformed_kernel_and_the_raw_dense_weight():
   variables, x = _conv_inputs()
   bound = hoist.bind(_conv_stage, None, variables)
@@ -50,7 +50,7 @@ def test_per_call_program_takes_the_transformed_kernel_and_the_raw_dense_weight(
   assert per_call.count("dot_general") == 17
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="hoisting is CPU-only")
+@pytest.mark.skipif(not hoist.hoists(), reason="hoisting is for one CPU device")
 def test_bound_stage_splits_once_per_input_signature():
   variables, x = _conv_inputs()
   bound = hoist.bind(_conv_stage, None, variables)
