@@ -12,8 +12,12 @@ from g2face_jax.nn import decoder
 from conftest import FIXTURES
 
 
-def test_every_stage_matches_the_official_pipeline():
-  errs = parity.check_pipeline(FIXTURES)
+@pytest.mark.parametrize("hoisted", [False, True], ids=["jitted", "hoisted"])
+def test_every_stage_matches_the_official_pipeline(hoisted):
+  """The jitted stages, and the same through `hoist.Stages` (per-call programs on
+  precomputed kernel transforms)."""
+  nets, variables = parity.official_variables(FIXTURES)
+  errs = parity.compare_pipeline(nets, variables, FIXTURES, hoisted=hoisted)
   bad = {k: v for k, v in errs.items() if not v <= parity.TOLERANCE}
   assert not bad, f"stages over {parity.TOLERANCE}: {bad}"
   assert errs["bits (share wrong)"] == 0 and errs["bits (end to end, share wrong)"] == 0
@@ -98,13 +102,3 @@ def test_official_paths_compute_in_full_float32_unless_the_caller_sets_a_precisi
                          .lower(lowering_platforms=("cuda",)).as_text())
   assert len(own) > 10 and set(own) == {"HIGHEST"}, sorted(set(own))
   assert len(tf32) > 10 and "HIGHEST" not in tf32, sorted(set(tf32))
-
-
-def test_every_stage_matches_the_official_pipeline_with_weights_hoisted():
-  """The same comparison through `hoist.Stages` (per-call programs on precomputed
-  kernel transforms)."""
-  nets, variables = parity.official_variables(FIXTURES)
-  errs = parity.compare_pipeline(nets, variables, FIXTURES, hoisted=True)
-  bad = {k: v for k, v in errs.items() if not v <= parity.TOLERANCE}
-  assert not bad, f"stages over {parity.TOLERANCE}: {bad}"
-  assert errs["bits (share wrong)"] == 0 and errs["bits (end to end, share wrong)"] == 0
