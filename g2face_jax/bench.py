@@ -88,8 +88,10 @@ def run(config: str = "paper", batch: int = 1, rounds: int = 3, seed: int = 0,
   """Bench one configuration; returns a flat dict (seconds, GFLOP, MB; see the module doc).
 
   `micro_batch`: faces per step of the pipeline's loop over the batch (None: the
-  pipeline default, 1 on CPU); the record holds the value used, and `devices`
-  the number of devices sharing the batch (`pipeline.data_parallel_devices`).
+  pipeline default); the record holds the value the decoder and the extractor
+  used (`micro_batch`) and the one ArcFace and the 3DMM net used
+  (`small_nets_micro_batch`), and `devices` the number of devices sharing the
+  batch (`pipeline.data_parallel_devices`).
   `matmul_precision`: 'float32' (the pipeline's own) or 'tensorfloat32' (TF32 on GPUs).
   """
   if matmul_precision not in ("float32", "tensorfloat32"):
@@ -110,6 +112,8 @@ def _run(config: str, batch: int, rounds: int, seed: int, dtype: str,
   per_device = batch // devices
   try:
     micro = pipeline.faces_per_step(micro_batch, per_device)
+    small_nets_micro = pipeline.faces_per_step(micro_batch, per_device,
+                                               pipeline.SMALL_NETS_CPU_FACES)
   except ValueError as e:
     raise ValueError(f"--micro-batch {micro_batch}: {e}") from None
   anonymize = functools.partial(pipeline.official_anonymize, dtype=dtype)
@@ -125,12 +129,13 @@ def _run(config: str, batch: int, rounds: int, seed: int, dtype: str,
                decoder.noise_shapes(model.size, batch))]
 
   if hoisted:
-    stages = hoist.Stages(nets, jax.device_put(variables), dtype=dtype, micro_batch=micro)
+    stages = hoist.Stages(nets, jax.device_put(variables), dtype=dtype, micro_batch=micro_batch)
     anonymize_now = lambda: stages.official_anonymize(x, z, noise)
     recover_now = lambda anon, bits: stages.official_recover(anon, bits, noise)
   else:
-    anonymize_now = lambda: anonymize(nets, variables, x, z, noise, micro_batch=micro)
-    recover_now = lambda anon, bits: recover(nets, variables, anon, bits, noise, micro_batch=micro)
+    anonymize_now = lambda: anonymize(nets, variables, x, z, noise, micro_batch=micro_batch)
+    recover_now = lambda anon, bits: recover(nets, variables, anon, bits, noise,
+                                             micro_batch=micro_batch)
   anon_out, anon_first, anon_best = _timed(anonymize_now, rounds)
   anon, hide_bits = anon_out["anon"], anon_out["hide_bits"]
   _, rec_first, rec_best = _timed(lambda: recover_now(anon, hide_bits), rounds)
@@ -142,7 +147,8 @@ def _run(config: str, batch: int, rounds: int, seed: int, dtype: str,
   rec_flops = devices * _flops(functools.partial(recover, micro_batch=per_device), nets,
                                variables, anon, hide_bits, noise)
   return dict(
-      config=config, size=int(model.size), batch=batch, micro_batch=micro, rounds=rounds,
+      config=config, size=int(model.size), batch=batch, micro_batch=micro,
+      small_nets_micro_batch=small_nets_micro, rounds=rounds,
       dtype=dtype, matmul_precision=matmul_precision, device=device_name(), devices=devices,
       weights_hoisted=hoisted and hoist.hoists(),
       reuse_freed_memory=host_memory.applied(), huge_pages=host_memory.huge_pages_active(),

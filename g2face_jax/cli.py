@@ -416,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "as bfloat16 matmuls with float32 accumulation)")
   _matmul_precision_argument(p)
   p.add_argument("--micro-batch", type=int, help="faces per step of the loop over each batch "
-                 "(default: 1 on CPU, the whole batch on accelerators)")
+                 "(default: on CPU 1, and up to 4 for ArcFace and the 3DMM net; the whole batch on "
+                 "accelerators)")
   p.add_argument("--cpu-devices", type=int, metavar="N", help="run on the CPU as N devices of "
                  "one thread each, every batch split over them (faster on batches, slower one "
                  "face at a time; default: one device using every core)")

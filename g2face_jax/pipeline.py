@@ -34,10 +34,12 @@ the official code's. A caller that sets `jax.default_matmul_precision` (or the
 `micro_batch` (every stage): samples per step of a loop over the batch inside
 the jitted program (`jax.lax.map`). Every network runs per sample at test time
 (evaluation-mode BatchNorm, per-sample InstanceNorm), so the results do not
-depend on it (beyond float32 rounding). None means `default_micro_batch()`: 1
-on CPU, where the paper pipeline's whole batch of 4 in one step ran 1.1 to
-1.2x slower per face than one face at a time (2 AVX2 cores), and the whole
-batch on accelerators; a value at least the batch size runs it in one step.
+depend on it (beyond float32 rounding). None means the whole batch on
+accelerators, and on CPU one face per step for the decoder and the extractor
+(the paper decoder's whole batch of 4 in one step ran 1.1 to 1.2x slower per
+face than one face at a time) but up to `SMALL_NETS_CPU_FACES` for ArcFace and
+the 3DMM regressor, whose small maps gain from sharing each weight read (see
+there); a value at least the batch size runs it in one step.
 
 Several devices (GPUs of one host, or the CPU split by `cpu_devices.split`)
 share a batch they divide: each runs its share (`data_parallel_devices`,
@@ -101,24 +103,34 @@ def float32_matmuls(fn):
   return traced
 
 
-def default_micro_batch() -> int | None:
-  """1 on CPU, None (the whole batch in one step) on accelerators."""
-  return 1 if jax.default_backend() == "cpu" else None
+# ArcFace (112x112 in) and the 3DMM regressor (224x224 in) run on small maps,
+# where faces that share a step share each weight read: with the weights
+# hoisted (paper config, 2 AVX-512 cores, batch 4), the analyze stage took 0.114
+# s per face at 4 faces per step and 0.120 at 2, against 0.144 at 1 (best of 12,
+# calls alternated; medians 0.142 / 0.137 / 0.168). The decoder and the extractor
+# did not gain (extractor 0.160 / 0.157 / 0.161 s).
+SMALL_NETS_CPU_FACES = 4
 
 
-def faces_per_step(micro_batch: int | None, batch: int) -> int:
+def default_micro_batch(cpu_faces: int = 1) -> int | None:
+  """`cpu_faces` on CPU, None (the whole batch in one step) on accelerators."""
+  return cpu_faces if jax.default_backend() == "cpu" else None
+
+
+def faces_per_step(micro_batch: int | None, batch: int, cpu_faces: int = 1) -> int:
   """Faces per step of the loop over a batch of `batch`: `micro_batch` capped at
-  the batch, or `default_micro_batch()` when None (the whole batch where that is None).
+  the batch; when None, the whole batch on accelerators and on CPU the largest
+  divisor of the batch up to `cpu_faces`.
 
-  A ValueError if it is below 1 or does not divide the batch.
+  A ValueError if `micro_batch` is below 1 or does not divide the batch.
   """
-  m = default_micro_batch() if micro_batch is None else micro_batch
-  if m is None:
-    return batch
-  if m < 1:
-    raise ValueError(f"micro_batch must be >= 1, got {m}")
-  m = min(m, batch)
-  if m and batch % m:
+  if micro_batch is None:
+    m = default_micro_batch(cpu_faces)
+    return batch if m is None else max(d for d in range(1, min(m, batch) + 1) if batch % d == 0)
+  if micro_batch < 1:
+    raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+  m = min(micro_batch, batch)
+  if batch % m:
     raise ValueError(f"batch {batch} is not a multiple of micro_batch {m}")
   return m
 
@@ -132,12 +144,12 @@ def data_parallel_devices(batch: int) -> int:
   return n if n > 1 and batch % n == 0 and own_mesh else 1
 
 
-def _loop(fn, micro_batch: int | None, *args):
+def _loop(fn, micro_batch: int | None, *args, cpu_faces: int = 1):
   """fn(*args) with every arg batched on axis 0, run `faces_per_step` samples at a
   time: one call when that is the whole batch, else a `lax.map` loop over the
   chunks with the outputs joined."""
   b = jax.tree.leaves(args)[0].shape[0]
-  m = faces_per_step(micro_batch, b)
+  m = faces_per_step(micro_batch, b, cpu_faces)
   if m >= b:
     return fn(*args)
   chunks = jax.tree.map(lambda a: a.reshape((b // m, m) + a.shape[1:]), args)
@@ -145,16 +157,21 @@ def _loop(fn, micro_batch: int | None, *args):
   return jax.tree.map(lambda a: a.reshape((b,) + a.shape[2:]), out)
 
 
-def _per_sample(fn, micro_batch: int | None, *args):
-  """`_loop(fn, micro_batch, *args)`, the batch split over `data_parallel_devices`
-  (each device loops over its share)."""
+def _per_sample(fn, micro_batch: int | None, *args, cpu_faces: int = 1):
+  """`_loop(fn, micro_batch, *args, cpu_faces=cpu_faces)`, the batch split over
+  `data_parallel_devices` (each device loops over its share)."""
+  loop = functools.partial(_loop, fn, micro_batch, cpu_faces=cpu_faces)
   n = data_parallel_devices(jax.tree.leaves(args)[0].shape[0])
   if n == 1:
-    return _loop(fn, micro_batch, *args)
+    return loop(*args)
   mesh = jax.sharding.Mesh(jax.devices(), ("batch",))
   batch = jax.sharding.PartitionSpec("batch")
-  return jax.shard_map(functools.partial(_loop, fn, micro_batch), mesh=mesh,
-                       in_specs=batch, out_specs=batch)(*args)
+  return jax.shard_map(loop, mesh=mesh, in_specs=batch, out_specs=batch)(*args)
+
+
+def _coefficients(nets: Networks, variables: Variables, x: jax.Array) -> jax.Array:
+  """x (B,S,S,3) in [-1,1] -> (B,257) 3DMM coefficients."""
+  return nets.recon_net.apply(variables["recon_net"], (x + 1) / 2)
 
 
 def _styles(nets: Networks, variables: Variables, identity: jax.Array,
@@ -170,8 +187,8 @@ def analyze(nets: Networks, variables: Variables, x: jax.Array,
   """x (B,S,S,3) in [-1,1] -> arc_id (B,512) ArcFace identity, coeff (B,257) 3DMM coefficients."""
   def body(x):
     return dict(arc_id=nets.arcface.apply(variables["arcface"], x),
-                coeff=nets.recon_net.apply(variables["recon_net"], (x + 1) / 2))
-  return _per_sample(body, micro_batch, x)
+                coeff=_coefficients(nets, variables, x))
+  return _per_sample(body, micro_batch, x, cpu_faces=SMALL_NETS_CPU_FACES)
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("dtype", "micro_batch"))
@@ -215,12 +232,14 @@ def restore(nets: Networks, variables: Variables, anon: jax.Array, identity: jax
   """Decoder pass back to `identity` (B,512): coeff_anon (B,257) and recovered (B,S,S,3)."""
   nets = in_dtype(nets, dtype)
 
-  def body(anon, identity, hide_bits, noise):
-    coeff_anon = nets.recon_net.apply(variables["recon_net"], (anon + 1) / 2)
+  coeff_anon = _per_sample(functools.partial(_coefficients, nets, variables), micro_batch, anon,
+                           cpu_faces=SMALL_NETS_CPU_FACES)
+
+  def body(anon, identity, coeff_anon, hide_bits, noise):
     style = _styles(nets, variables, identity, coeff_anon)
-    recovered = nets.decoder.apply(variables["decoder"], anon, style, hide_bits, noise)
-    return dict(coeff_anon=coeff_anon, recovered=recovered)
-  return _per_sample(body, micro_batch, anon, identity, hide_bits, list(noise))
+    return nets.decoder.apply(variables["decoder"], anon, style, hide_bits, noise)
+  recovered = _per_sample(body, micro_batch, anon, identity, coeff_anon, hide_bits, list(noise))
+  return dict(coeff_anon=coeff_anon, recovered=recovered)
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("dtype", "micro_batch"))

@@ -10,7 +10,8 @@ from g2face_jax import bench, cli, host_memory
 KEYS = {"anonymize_s_per_img", "recover_s_per_img", "batch", "device", "anonymize_img_per_s",
         "recover_img_per_s", "anonymize_compile_s", "recover_compile_s",
         "anonymize_gflop_per_img", "recover_gflop_per_img", "anonymize_gflop_per_s",
-        "recover_gflop_per_s", "peak_rss_mb", "dtype", "micro_batch", "devices",
+        "recover_gflop_per_s", "peak_rss_mb", "dtype", "micro_batch", "small_nets_micro_batch",
+        "devices",
         "reuse_freed_memory", "huge_pages", "matmul_precision"}
 
 
@@ -22,6 +23,7 @@ def test_bench_json_on_tiny_config(capsys):
   assert KEYS <= set(record)
   assert record["batch"] == 1 and record["config"] == "tiny" and record["size"] == 32
   assert record["dtype"] == "float32" and record["micro_batch"] == 1 and record["devices"] == 1
+  assert record["small_nets_micro_batch"] == 1
   assert record["matmul_precision"] == "float32"
   assert record["device"].startswith("cpu")
   for path in ("anonymize", "recover"):
@@ -39,7 +41,7 @@ def test_micro_batch_is_recorded_and_checked(capsys):
   assert cli.main(["bench", "--config", "tiny", "--batch", "2", "--rounds", "1",
                    "--micro-batch", "2", "--json"]) == 0
   record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-  assert record["batch"] == 2 and record["micro_batch"] == 2
+  assert record["batch"] == 2 and record["micro_batch"] == record["small_nets_micro_batch"] == 2
   assert cli.main(["bench", "--config", "tiny", "--batch", "4", "--micro-batch", "3"]) == 2
   err = capsys.readouterr().err.strip()
   assert "--micro-batch 3" in err and "batch 4 is not a multiple of micro_batch 3" in err

@@ -69,7 +69,7 @@ def test_micro_batch_loop_gives_the_whole_batch_result(tiny):
 
   whole = stages(4)
   assert pipeline.default_micro_batch() == (1 if jax.default_backend() == "cpu" else None)
-  for micro in (None, 2):  # None is 1 on CPU (asserted above)
+  for micro in (None, 2):  # None on CPU: 1 face per step, 4 for ArcFace and the 3DMM net
     out = stages(micro)
     for key in ("arc_id", "coeff", "style", "anon", "logits", "coeff_anon", "recovered"):
       np.testing.assert_allclose(out[key], whole[key], rtol=1e-5, atol=1e-5, err_msg=key)
@@ -79,6 +79,18 @@ def test_micro_batch_loop_gives_the_whole_batch_result(tiny):
     pipeline.analyze(nets, variables, x4, micro_batch=3)
   with pytest.raises(ValueError, match="micro_batch must be >= 1"):
     pipeline.analyze(nets, variables, x4, micro_batch=0)
+
+
+def test_default_faces_per_step_divide_the_batch():
+  """Without a micro_batch, CPU steps take the largest divisor of the batch up to
+  `cpu_faces` (accelerators: the whole batch); a given one is checked, not adjusted."""
+  cpu = jax.default_backend() == "cpu"
+  for batch, cpu_faces, expected in [(4, 4, 4), (8, 4, 4), (6, 4, 3), (5, 4, 1), (2, 4, 2),
+                                     (4, 1, 1)]:
+    assert pipeline.faces_per_step(None, batch, cpu_faces) == (expected if cpu else batch)
+  assert pipeline.faces_per_step(8, 4, 1) == 4
+  with pytest.raises(ValueError, match="batch 6 is not a multiple of micro_batch 4"):
+    pipeline.faces_per_step(4, 6, 4)
 
 
 def _precisions(lowered_text: str) -> list[str]:
