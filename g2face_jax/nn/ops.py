@@ -290,7 +290,7 @@ def conv2d_tap_matmul(x: jax.Array, w: jax.Array, stride: int = 1, padding=0,
   return _shifted_sum(y, [(i, j) for i in range(kh) for j in range(kw)], oh, ow, cout)
 
 
-def _channel_dot(x: jax.Array, w: jax.Array, precision=None, operand_dtype=None) -> jax.Array:
+def channel_dot(x: jax.Array, w: jax.Array, precision=None, operand_dtype=None) -> jax.Array:
   """x (..., K) @ w (K, N). `operand_dtype` None: in x's dtype at `precision`;
   else both operands rounded to it and accumulated in float32 (float32 result)."""
   dims = (((x.ndim - 1,), (0,)), ((), ()))
@@ -309,7 +309,7 @@ def conv1x1(x: jax.Array, w: jax.Array, stride: int = 1, precision=None) -> jax.
   """
   if stride > 1:
     x = x[:, ::stride, ::stride]
-  return _channel_dot(x, w[0, 0], precision)
+  return channel_dot(x, w[0, 0], precision)
 
 
 def conv2d_stride2_taps(x: jax.Array, w: jax.Array, padding, precision=None,
@@ -322,14 +322,14 @@ def conv2d_stride2_taps(x: jax.Array, w: jax.Array, padding, precision=None,
   whole folded grid in one dot_general (K = 4 Cin, N = Cout) and the products
   are summed at their shifts. XLA's CPU convolution runs the pyramid encoder's
   4x4 stride-2 kernels at 55-105 GFLOP/s, these matmuls at 90-125.
-  `operand_dtype`: as `_channel_dot`'s (the folding stays in x's dtype).
+  `operand_dtype`: as `channel_dot`'s (the folding stays in x's dtype).
   """
   oh, ow = _conv_out_size(x.shape, w.shape, 2, padding)
   folded, taps = _fold_stride2(x, w.astype(x.dtype), padding, oh, ow)
   out = None
   for a in range(taps.shape[0]):
     for b in range(taps.shape[1]):
-      product = _channel_dot(folded, taps[a, b], precision,
+      product = channel_dot(folded, taps[a, b], precision,
                              operand_dtype)[:, a:a + oh, b:b + ow]
       out = product if out is None else out + product
   return out
@@ -378,7 +378,7 @@ def winograd_conv(xp: jax.Array, w: jax.Array, transform, oh: int, ow: int,
   the decoder's low resolutions), each of the n^2 transform positions is one
   matmul over all tiles (K = Cin, N = Cout), and every tile's outputs are read
   back (A^T M A): n^2 multiplications per m^2 outputs instead of m^2 r^2.
-  `operand_dtype`: as `_channel_dot`'s; both transforms and the read-back stay
+  `operand_dtype`: as `channel_dot`'s; both transforms and the read-back stay
   in xp's dtype, so only the transformed tiles and kernel are rounded.
   """
   bt, g, at = transform
@@ -389,7 +389,7 @@ def winograd_conv(xp: jax.Array, w: jax.Array, transform, oh: int, ow: int,
            for t in (_combine(bt[k], rows) for k in range(n))]            # (B, th, tw, Cin)
   kernel = [[_combine(g[l], [kr[j] for j in range(r)]) for l in range(n)]
             for kr in (_combine(g[k], [w[i] for i in range(r)]) for k in range(n))]
-  products = [[_channel_dot(tiles[k][l], kernel[k][l], precision, operand_dtype)
+  products = [[channel_dot(tiles[k][l], kernel[k][l], precision, operand_dtype)
                 for l in range(n)] for k in range(n)]
   by_cols = [[_combine(at[q], products[k]) for q in range(m)] for k in range(n)]
   phases = [[_combine(at[p], [by_cols[k][q] for k in range(n)]) for q in range(m)]

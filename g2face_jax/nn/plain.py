@@ -67,13 +67,11 @@ class ConcatConv1x1(nn.Module):
     bias = self.param("bias", torch_bias_init(cin), (self.features,))
     mm = ops.matmul_dtype(self.dtype)
     out_dtype = jnp.result_type(*parts, kernel) if mm is None else jnp.float32
-    operand_dtype = out_dtype if mm is None else mm
     out, start = None, 0
     for part in parts:
       rows = kernel[0, 0, start:start + part.shape[-1]]
       start += part.shape[-1]
-      product = jax.lax.dot_general(part.astype(operand_dtype), rows.astype(operand_dtype),
-                                    (((3,), (0,)), ((), ())), preferred_element_type=out_dtype)
+      product = ops.channel_dot(part.astype(out_dtype), rows, operand_dtype=mm)
       out = product if out is None else out + product
     return out + bias.astype(out_dtype)
 
