@@ -330,7 +330,7 @@ def conv2d_stride2_taps(x: jax.Array, w: jax.Array, padding, precision=None,
   for a in range(taps.shape[0]):
     for b in range(taps.shape[1]):
       product = channel_dot(folded, taps[a, b], precision,
-                             operand_dtype)[:, a:a + oh, b:b + ow]
+                            operand_dtype)[:, a:a + oh, b:b + ow]
       out = product if out is None else out + product
   return out
 
@@ -390,7 +390,7 @@ def winograd_conv(xp: jax.Array, w: jax.Array, transform, oh: int, ow: int,
   kernel = [[_combine(g[l], [kr[j] for j in range(r)]) for l in range(n)]
             for kr in (_combine(g[k], [w[i] for i in range(r)]) for k in range(n))]
   products = [[channel_dot(tiles[k][l], kernel[k][l], precision, operand_dtype)
-                for l in range(n)] for k in range(n)]
+               for l in range(n)] for k in range(n)]
   by_cols = [[_combine(at[q], products[k]) for q in range(m)] for k in range(n)]
   phases = [[_combine(at[p], [by_cols[k][q] for k in range(n)]) for q in range(m)]
             for p in range(m)]                                          # out[m i + p, m j + q]
