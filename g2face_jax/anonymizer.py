@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from g2face_jax import bundle as bundle_lib
-from g2face_jax import faces, hoist, keys, payload, pipeline
+from g2face_jax import faces, keys, payload, pipeline
 from g2face_jax import secure_payload
 from g2face_jax.nn import decoder
 
@@ -176,11 +176,10 @@ class Anonymizer:
     return self._variables
 
   @property
-  def stages(self) -> hoist.Stages:
-    """The pipeline stages on this bundle's variables, their weight-only work done once
-    (`hoist`)."""
+  def stages(self) -> pipeline.Stages:
+    """The pipeline stages on this bundle's variables."""
     if self._stages is None:
-      self._stages = hoist.Stages(self.nets, self.variables)
+      self._stages = pipeline.Stages(self.nets, self.variables)
     return self._stages
 
   # --- faces of a photo ---

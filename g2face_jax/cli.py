@@ -5,14 +5,12 @@ import argparse
 import os
 import sys
 
-from g2face_jax import host_memory
-
 DEFAULT_FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "tests", "fixtures", "official", "official-seed0")
 
 
 def _parity(args) -> int:
-  from g2face_jax import parity
+  from g2face_jax.tools import parity
   folder = args.fixtures
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"{folder}: fixture folder not found")
@@ -174,7 +172,7 @@ def _eval(args) -> int:
 def _bench(args) -> int:
   import json
 
-  from g2face_jax import bench, cpu_devices
+  from g2face_jax.tools import bench, cpu_devices, host_memory
   if args.cpu_devices is not None and args.devices:
     raise ValueError("--cpu-devices splits this process's CPU; --devices compares fresh "
                      "processes of simulated devices: give one of them")
@@ -200,8 +198,7 @@ def _bench(args) -> int:
     return 0
   for batch in bench.parse_batches(args.batch):
     result = bench.run(args.config, batch, args.rounds, dtype=args.dtype,
-                       micro_batch=args.micro_batch, matmul_precision=args.matmul_precision,
-                       hoisted=not args.per_call_weights)
+                       micro_batch=args.micro_batch, matmul_precision=args.matmul_precision)
     print(json.dumps(result) if args.json else bench.format_result(result), flush=True)
   return 0
 
@@ -256,7 +253,7 @@ def _compile(args) -> int:
   import jax
   if "JAX_PLATFORMS" not in os.environ:  # compile only: never claim a local accelerator
     jax.config.update("jax_platforms", "cpu")
-  from g2face_jax import aot
+  from g2face_jax.tools import aot
   from g2face_jax import config as config_lib
   report = aot.compile_train_step(config_lib.load(args.config), args.topology,
                                   global_batch=args.global_batch, mesh=args.mesh or "",
@@ -424,9 +421,6 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--reuse-freed-memory", action="store_true", help="keep freed host memory in "
                  "the process (glibc mallopt) instead of mapping every run's buffers afresh: "
                  "fewer page faults, resident memory that does not shrink (host_memory)")
-  p.add_argument("--per-call-weights", action="store_true", help="time the jitted official "
-                 "chains, which redo the work that depends on the weights alone in every call "
-                 "(default: that work done once, as the API and CLI run on one CPU device)")
   p.add_argument("--train", action="store_true", help="time one training iteration instead "
                  "(the config's global batch and mesh; e.g. --config smoke)")
   p.add_argument("--devices", help="with --train on CPU: simulated device counts to compare, "
@@ -492,10 +486,7 @@ def _run(args) -> int:
 
 
 def main(argv=None) -> int:
-  """The `g2face` command; `argv` None: this process's arguments, run with glibc's
-  huge pages (`host_memory.relaunch_with_huge_pages`)."""
-  if argv is None:
-    host_memory.relaunch_with_huge_pages()
+  """The `g2face` command; `argv` None: this process's arguments."""
   args = build_parser().parse_args(argv)
   try:
     return _run(args)

@@ -273,3 +273,34 @@ def official_recover(nets: Networks, variables: Variables, anon: jax.Array, hide
   out.update(restore(nets, variables, anon, out["extracted_id"], hide_bits, noise, dtype=dtype,
                      micro_batch=micro_batch))
   return out
+
+
+class Stages:
+  """The stages bound to one set of networks and variables, with `dtype` and
+  `micro_batch` fixed for all of them: same arguments and results as the module's
+  functions of the same names, less `nets` and `variables`."""
+
+  def __init__(self, nets: Networks, variables: Variables, *, dtype: str = "float32",
+               micro_batch: int | None = None):
+    self.nets, self.variables = nets, variables
+    self._typed = dict(dtype=dtype, micro_batch=micro_batch)
+
+  def analyze(self, x: jax.Array) -> dict[str, jax.Array]:
+    return analyze(self.nets, self.variables, x, micro_batch=self._typed["micro_batch"])
+
+  def anonymize(self, x, coeff, z, hide_bits, noise) -> dict[str, jax.Array]:
+    return anonymize(self.nets, self.variables, x, coeff, z, hide_bits, list(noise), **self._typed)
+
+  def extract_identity(self, anon: jax.Array) -> dict[str, jax.Array]:
+    return extract_identity(self.nets, self.variables, anon, **self._typed)
+
+  def restore(self, anon, identity, hide_bits, noise) -> dict[str, jax.Array]:
+    return restore(self.nets, self.variables, anon, identity, hide_bits, list(noise),
+                   **self._typed)
+
+  def official_anonymize(self, x, z, noise) -> dict[str, jax.Array]:
+    return official_anonymize(self.nets, self.variables, x, z, list(noise), **self._typed)
+
+  def official_recover(self, anon, hide_bits, noise) -> dict[str, jax.Array]:
+    return official_recover(self.nets, self.variables, anon, hide_bits, list(noise),
+                            **self._typed)

@@ -16,7 +16,7 @@ import pytest
 
 from g2face_jax import bundle, config, keys, models, pipeline
 from g2face_jax.nn import decoder
-from g2face_jax.parity import nhwc, rel_err  # noqa: F401  (shared by the tests)
+from g2face_jax.tools.parity import nhwc, rel_err  # noqa: F401  (shared by the tests)
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -12,7 +12,8 @@ import pytest
 
 pytest.importorskip("libtpu", reason="the TPU runtime package (pip install -e '.[tpu]')")
 
-from g2face_jax import aot, config  # noqa: E402
+from g2face_jax import config
+from g2face_jax.tools import aot  # noqa: E402
 
 GIB = 2 ** 30
 

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh
 
-from g2face_jax import aot, config
+from g2face_jax import config
+from g2face_jax.tools import aot
 from g2face_jax.train import sharding
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "paper_sharding.json")

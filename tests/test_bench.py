@@ -5,7 +5,8 @@ import json
 import jax
 import pytest
 
-from g2face_jax import bench, cli, host_memory
+from g2face_jax import cli
+from g2face_jax.tools import bench, host_memory
 
 KEYS = {"anonymize_s_per_img", "recover_s_per_img", "batch", "device", "anonymize_img_per_s",
         "recover_img_per_s", "anonymize_compile_s", "recover_compile_s",

@@ -8,7 +8,8 @@ import sys
 import jax
 import pytest
 
-from g2face_jax import cpu_devices, pipeline
+from g2face_jax import pipeline
+from g2face_jax.tools import cpu_devices
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -18,7 +19,7 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 SPLIT_RUN = """
 import json, sys
 import numpy as np
-from g2face_jax import cpu_devices
+from g2face_jax.tools import cpu_devices
 cpu_devices.split(2)
 import jax
 sys.path.insert(0, sys.argv[1])

@@ -1,7 +1,6 @@
-"""`host_memory`: with glibc's huge pages, or with freed memory reused, repeated runs
-of a compiled program fault far fewer pages in (counted by the kernel); the `g2face`
-command relaunches itself with huge pages, and `g2face bench` reuses freed memory
-on request."""
+"""`tools.host_memory`: with glibc's huge pages (the tunable set by whoever starts the
+process), or with freed memory reused, repeated runs of a compiled program fault far
+fewer pages in (counted by the kernel); `g2face bench` reuses freed memory on request."""
 import json
 import os
 import platform
@@ -10,13 +9,13 @@ import sys
 
 import pytest
 
-from g2face_jax import host_memory
+from g2face_jax.tools import host_memory
 
 # A fresh process runs one jitted program whose output and temporaries are ~64 MB
 # each, 20 times after 10 warm-up runs, and prints the page faults of each run.
 FAULTS_RUN = """
 import json, resource, sys
-from g2face_jax import host_memory
+from g2face_jax.tools import host_memory
 applied = host_memory.reuse_freed_memory() if sys.argv[1] == "reuse" else False
 import jax, jax.numpy as jnp
 x = jnp.ones((64, 512, 512), jnp.float32)
@@ -35,7 +34,7 @@ ONE_BUFFER_PAGES = 64 * 512 * 512 * 4 // 4096
 
 
 def _without_tunables() -> dict:
-  return {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "G2FACE_HUGE_PAGES")}
+  return {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES",)}
 
 
 def _faults(mode: str, env=None) -> dict:
@@ -60,16 +59,14 @@ huge_pages = pytest.mark.skipif(not host_memory.huge_pages_supported(),
 
 @huge_pages
 def test_huge_pages_fault_buffers_in_2_mib_at_a_time(system_faults):
-  huge = _faults("system", host_memory.environment_with_huge_pages(_without_tunables()))
+  huge = _faults("system", dict(_without_tunables(), GLIBC_TUNABLES=host_memory.HUGE_PAGES_TUNABLE))
   # a 2 MiB page holds 512 small ones: the 64 MB buffer takes 32 huge-page faults,
   # plus up to 511 small ones where the mapping starts off a 2 MiB boundary
   assert max(huge["faults"]) < ONE_BUFFER_PAGES / 20
 
 
-def test_environment_with_huge_pages_keeps_other_tunables():
-  env = host_memory.environment_with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.check=0"})
-  assert env["GLIBC_TUNABLES"] == "glibc.malloc.check=0:glibc.malloc.hugetlb=1"
-  assert host_memory.environment_with_huge_pages(env) == env
+def test_huge_pages_requested_reads_the_tunable_among_others():
+  env = {"GLIBC_TUNABLES": "glibc.malloc.check=0:" + host_memory.HUGE_PAGES_TUNABLE}
   assert host_memory.huge_pages_requested(env) and not host_memory.huge_pages_requested({})
 
 
@@ -78,30 +75,6 @@ def test_transparent_huge_pages_mode_reads_the_kernel_setting(tmp_path):
   setting.write_text("always [madvise] never\n")
   assert host_memory.transparent_huge_pages_mode(str(setting)) == "madvise"
   assert host_memory.transparent_huge_pages_mode(str(tmp_path / "missing")) is None
-
-
-# The command's entry prints whether huge pages are on, then runs `g2face --help`.
-RELAUNCH = ("import os; from g2face_jax import cli, host_memory; "
-            "print('pid', os.getpid(), host_memory.huge_pages_active(), flush=True); cli.main()")
-
-
-def _relaunch_lines(env) -> tuple[list[str], int]:
-  child = subprocess.Popen([sys.executable, "-c", RELAUNCH, "--help"], stdout=subprocess.PIPE,
-                           text=True, env=env)
-  out, _ = child.communicate()
-  assert child.returncode == 0 and "usage: " in out
-  return [line for line in out.splitlines() if line.startswith("pid ")], child.pid
-
-
-@huge_pages
-def test_the_command_relaunches_itself_with_huge_pages():
-  if host_memory.transparent_huge_pages_mode() == "always":
-    pytest.skip("the kernel gives huge pages to every mapping: nothing to relaunch for")
-  lines, pid = _relaunch_lines(_without_tunables())
-  # the same process (execve), started again with the tunable
-  assert lines == [f"pid {pid} False", f"pid {pid} True"]
-  lines, pid = _relaunch_lines(dict(_without_tunables(), G2FACE_HUGE_PAGES="0"))
-  assert lines == [f"pid {pid} False"]
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
@@ -115,7 +88,7 @@ def test_freed_buffers_are_reused_instead_of_faulted_in_again(system_faults):
 
 
 def test_bench_applies_it_when_asked():
-  run = ("import sys; from g2face_jax import cli, host_memory; "
+  run = ("import sys; from g2face_jax import cli; from g2face_jax.tools import host_memory; "
          "cli.main(sys.argv[1:]); print(host_memory.applied())")
   for args, expected in ((["bench", "--batch", "x"], "False"),
                          (["bench", "--batch", "x", "--reuse-freed-memory"], "True")):

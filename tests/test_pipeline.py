@@ -6,18 +6,16 @@ import jax
 import numpy as np
 import pytest
 
-from g2face_jax import parity, payload, pipeline
+from g2face_jax import payload, pipeline
+from g2face_jax.tools import parity
 from g2face_jax.nn import decoder
 
 from conftest import FIXTURES
 
 
-@pytest.mark.parametrize("hoisted", [False, True], ids=["jitted", "hoisted"])
-def test_every_stage_matches_the_official_pipeline(hoisted):
-  """The jitted stages, and the same through `hoist.Stages` (per-call programs on
-  precomputed kernel transforms)."""
+def test_every_stage_matches_the_official_pipeline():
   nets, variables = parity.official_variables(FIXTURES)
-  errs = parity.compare_pipeline(nets, variables, FIXTURES, hoisted=hoisted)
+  errs = parity.compare_pipeline(nets, variables, FIXTURES)
   bad = {k: v for k, v in errs.items() if not v <= parity.TOLERANCE}
   assert not bad, f"stages over {parity.TOLERANCE}: {bad}"
   assert errs["bits (share wrong)"] == 0 and errs["bits (end to end, share wrong)"] == 0

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import FIXTURES, nhwc, rel_err
 from g2face_jax import config as config_lib
-from g2face_jax import models, parity
+from g2face_jax import models
+from g2face_jax.tools import parity
 from g2face_jax.convert import recipe
 from g2face_jax.convert import stylegan as convert_stylegan
 from g2face_jax.convert.table import ConversionError

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from g2face_jax import config as config_lib
-from g2face_jax import hoist, models, payload, pipeline
+from g2face_jax import models, payload, pipeline
 from g2face_jax.convert import bfm as convert_bfm
 from g2face_jax.convert import recipe, sources
 from g2face_jax.convert import stylegan as convert_stylegan
@@ -196,8 +196,7 @@ def pipeline_noise(folder: str) -> list[np.ndarray]:
 DECISIVE_LOGIT = 1e-3  # extracted bits are compared where |official logit| exceeds this
 
 
-def compare_pipeline(nets: pipeline.Networks, variables: dict, folder: str,
-                     hoisted: bool = False) -> dict[str, float]:
+def compare_pipeline(nets: pipeline.Networks, variables: dict, folder: str) -> dict[str, float]:
   """Errors of every pipeline stage against the folder's pipeline fixture.
 
   `variables` as converted from the official files; the fixture script's
@@ -210,12 +209,11 @@ def compare_pipeline(nets: pipeline.Networks, variables: dict, folder: str,
   the fixture's `hide_bits` (and the codec is checked on the fixture's
   `arc_id`). Extracted bits whose official logit lies within float noise of 0
   are taken from the fixture. Stages 7-8 run from the fixture's own `anon` /
-  `extracted_id` and end to end from our `anon`. `hoisted`: the stages run
-  through `hoist.Stages` (weight-only work done once) instead of as they are.
+  `extracted_id` and end to end from our `anon`.
   """
   fx = _load(folder, "pipeline")
   variables = with_fixture_batch_stats(nets, variables, folder)
-  stages = hoist.Stages(nets, variables, hoisted=hoisted)
+  stages = pipeline.Stages(nets, variables)
   noise = pipeline_noise(folder)
   x, hide_bits, ref_logits = nhwc(fx["x"]), fx["hide_bits"], fx["logits"]
   decisive = np.abs(ref_logits) > DECISIVE_LOGIT

@@ -1,28 +1,25 @@
-"""How glibc's allocator gives XLA's CPU buffers their pages.
+"""How glibc's allocator gives XLA's CPU buffers their pages (development tool).
 
-XLA's CPU client takes each run's buffers from `malloc` and frees them after. glibc
-hands blocks this large back to the kernel (`munmap`) and maps fresh ones on the
-next request, so every run of a compiled program faults its whole working set in
-again, 4 KiB at a time: one paper-config decoder pass at batch 1 takes about
-170,000 page faults and half a second of system time on two cores. Two remedies:
+XLA's CPU client takes each run's buffers from `malloc` and frees them after;
+glibc returns blocks this large to the kernel and maps fresh ones on the next
+request, so every run faults its working set in again, 4 KiB at a time. Two
+remedies, both chosen by whoever starts the process:
 
-- huge pages (`relaunch_with_huge_pages`, the `g2face` CLI's default): glibc's
-  `glibc.malloc.hugetlb=1` tunable asks for transparent huge pages on what malloc
-  maps, so the same buffers fault in 2 MiB at a time (the decoder pass: about
-  700 faults) and memory still goes back to the kernel on free. glibc reads
-  tunables only when a process starts, hence the relaunch.
-- `reuse_freed_memory` (opt-in, `g2face bench --reuse-freed-memory`) sets glibc's
+- huge pages: start the process with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`
+  in its environment (glibc 2.35 or later, transparent huge pages in 'always'
+  or 'madvise' mode); malloc then asks for 2 MiB pages. `huge_pages_active`
+  tells whether this process has them.
+- `reuse_freed_memory` (`g2face bench --reuse-freed-memory`) sets glibc's
   allocator (`mallopt`) to keep freed memory for reuse: no faults once the heap
-  has settled, but resident memory never shrinks and now and then still grows.
+  has settled, but resident memory never shrinks.
 
-The README has what each gained on this project's machine.
+docs/benchmarks.md has what each gained.
 """
 from __future__ import annotations
 
 import ctypes
 import os
 import re
-import sys
 
 # mallopt parameters, from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
@@ -35,7 +32,6 @@ HEAP_GROWTH_BYTES = 256 << 20  # each heap extension asks the kernel for this mu
 _applied = False
 
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
-HUGE_PAGES_OPT_OUT = "G2FACE_HUGE_PAGES"  # set to 0 in the environment: no relaunch
 _THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -110,26 +106,3 @@ def huge_pages_active() -> bool:
   every mapping, or the process started with the tunable and it can take effect."""
   return (transparent_huge_pages_mode() == "always"
           or (huge_pages_requested() and huge_pages_supported()))
-
-
-def environment_with_huge_pages(environ) -> dict[str, str]:
-  """A copy of `environ` whose GLIBC_TUNABLES also asks for huge pages."""
-  env = dict(environ)
-  if not huge_pages_requested(env):
-    env["GLIBC_TUNABLES"] = ":".join(t for t in (env.get("GLIBC_TUNABLES"),
-                                                  HUGE_PAGES_TUNABLE) if t)
-  return env
-
-
-def relaunch_with_huge_pages() -> None:
-  """Start this program again, same arguments, with glibc's huge pages on.
-
-  Returns (doing nothing) where they are already on (`huge_pages_active`), cannot
-  take effect here, or the environment sets G2FACE_HUGE_PAGES=0; otherwise
-  replaces the process (`os.execve`, same pid, same open files). Call it before
-  anything heavy is imported: the relaunch repeats the interpreter's start.
-  """
-  if (os.environ.get(HUGE_PAGES_OPT_OUT) == "0" or huge_pages_active()
-      or not huge_pages_supported()):
-    return
-  os.execve(sys.executable, sys.orig_argv, environment_with_huge_pages(os.environ))

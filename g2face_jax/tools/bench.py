@@ -2,16 +2,12 @@
 
 `run(config, batch, dtype=...)` builds every network of the config with fresh
 variables (`models.init_variables`), times the official anonymize and recover
-chains (`hoist.Stages.official_anonymize` / `official_recover`: the stages as
-the API and CLI run them, weight-only work done once on CPU; `hoisted=False`:
-`pipeline.official_anonymize` / `official_recover`, one jitted program each) in
-the compute dtype (float32, the official computation, or bfloat16) and matmul
+chains (`pipeline.official_anonymize` / `official_recover`, one jitted program
+each, through `pipeline.Stages` as the API and CLI run them) in the compute dtype (float32, the official computation, or bfloat16) and matmul
 precision (float32, or TF32 on GPUs) on random crops and returns one flat dict:
-compile time apart from run time (the first call compiles, and with hoisting
-also splits and computes the residuals), the best steady run of `rounds`,
+compile time apart from run time (the first call compiles), the best steady run of `rounds`,
 seconds and images per second per image, XLA's FLOP count of each jitted
-official chain (`Lowered.cost_analysis`, weight-only work included, also when
-the timed stages are hoisted) and the achieved GFLOP/s, the process's peak
+official chain (`Lowered.cost_analysis`) and the achieved GFLOP/s, the process's peak
 resident memory and the device.
 
 `run_train(config)` times the whole training iteration (anonymize, recover and
@@ -36,7 +32,8 @@ import jax
 import jax.numpy as jnp
 
 from g2face_jax import config as config_lib
-from g2face_jax import hoist, host_memory, models, pipeline
+from g2face_jax import models, pipeline
+from g2face_jax.tools import host_memory
 from g2face_jax.nn import decoder
 
 
@@ -84,7 +81,7 @@ def _flops(fn: Callable, *args) -> float:
 
 def run(config: str = "paper", batch: int = 1, rounds: int = 3, seed: int = 0,
         dtype: str = "float32", micro_batch: int | None = None,
-        matmul_precision: str = "float32", hoisted: bool = True) -> dict:
+        matmul_precision: str = "float32") -> dict:
   """Bench one configuration; returns a flat dict (seconds, GFLOP, MB; see the module doc).
 
   `micro_batch`: faces per step of the pipeline's loop over the batch (None: the
@@ -99,11 +96,11 @@ def run(config: str = "paper", batch: int = 1, rounds: int = 3, seed: int = 0,
   precision = (contextlib.nullcontext() if matmul_precision == "float32"  # the pipeline's own
                else jax.default_matmul_precision(matmul_precision))
   with precision:
-    return _run(config, batch, rounds, seed, dtype, micro_batch, matmul_precision, hoisted)
+    return _run(config, batch, rounds, seed, dtype, micro_batch, matmul_precision)
 
 
 def _run(config: str, batch: int, rounds: int, seed: int, dtype: str,
-         micro_batch: int | None, matmul_precision: str, hoisted: bool) -> dict:
+         micro_batch: int | None, matmul_precision: str) -> dict:
   if batch < 1 or rounds < 1:
     raise ValueError(f"batch and rounds must be >= 1, got batch={batch}, rounds={rounds}")
   if dtype not in pipeline.DTYPES:
@@ -128,14 +125,9 @@ def _run(config: str, batch: int, rounds: int, seed: int, dtype: str,
            zip(jax.random.split(keys[3], len(decoder.noise_shapes(model.size, batch))),
                decoder.noise_shapes(model.size, batch))]
 
-  if hoisted:
-    stages = hoist.Stages(nets, jax.device_put(variables), dtype=dtype, micro_batch=micro_batch)
-    anonymize_now = lambda: stages.official_anonymize(x, z, noise)
-    recover_now = lambda anon, bits: stages.official_recover(anon, bits, noise)
-  else:
-    anonymize_now = lambda: anonymize(nets, variables, x, z, noise, micro_batch=micro_batch)
-    recover_now = lambda anon, bits: recover(nets, variables, anon, bits, noise,
-                                             micro_batch=micro_batch)
+  stages = pipeline.Stages(nets, jax.device_put(variables), dtype=dtype, micro_batch=micro_batch)
+  anonymize_now = lambda: stages.official_anonymize(x, z, noise)
+  recover_now = lambda anon, bits: stages.official_recover(anon, bits, noise)
   anon_out, anon_first, anon_best = _timed(anonymize_now, rounds)
   anon, hide_bits = anon_out["anon"], anon_out["hide_bits"]
   _, rec_first, rec_best = _timed(lambda: recover_now(anon, hide_bits), rounds)
@@ -150,7 +142,6 @@ def _run(config: str, batch: int, rounds: int, seed: int, dtype: str,
       config=config, size=int(model.size), batch=batch, micro_batch=micro,
       small_nets_micro_batch=small_nets_micro, rounds=rounds,
       dtype=dtype, matmul_precision=matmul_precision, device=device_name(), devices=devices,
-      weights_hoisted=hoisted and hoist.hoists(),
       reuse_freed_memory=host_memory.applied(), huge_pages=host_memory.huge_pages_active(),
       anonymize_s_per_img=anon_best / batch, recover_s_per_img=rec_best / batch,
       anonymize_img_per_s=batch / anon_best, recover_img_per_s=batch / rec_best,
@@ -237,7 +228,7 @@ def format_result(r: dict) -> str:
   share = f" on {r['devices']} devices" if r["devices"] > 1 else ""
   lines = [f"{r['config']} ({r['size']}x{r['size']}), batch {r['batch']}{share} "
            f"({r['micro_batch']} per step), {r['dtype']}, {r['matmul_precision']} matmuls, "
-           f"best of {r['rounds']}{', weight-only work hoisted' if r['weights_hoisted'] else ''}, "
+           f"best of {r['rounds']}, "
            f"{r['device']}"]
   for path in ("anonymize", "recover"):
     lines.append(
