@@ -19,9 +19,11 @@ import numpy as np
 import pytest
 
 from g2face_jax import cli, pipeline
-from g2face_jax.nn import decoder, ops, plain, stylegan
+from g2face_jax.nn import decoder, lowering, plain, stylegan
 
 from conftest import random_variables
+
+BF16 = lowering.for_dtype("bfloat16")
 
 RNG = np.random.default_rng(0)
 LAYER_BOUND = 2.0 ** -8
@@ -62,7 +64,7 @@ def kernel_shape(k, cin, cout):
   return (k, k, cin, cout) if isinstance(k, int) else (*k, cin, cout)
 
 
-@pytest.mark.parametrize("matmul_conv", [ops.conv2d_matmul, ops.conv2d_tap_matmul])
+@pytest.mark.parametrize("matmul_conv", [lowering.conv2d_matmul, lowering.conv2d_tap_matmul])
 @pytest.mark.parametrize("h,w,k,stride,pad", CASES)
 def test_matmul_conv_in_float32_equals_lax_conv(h, w, k, stride, pad, matmul_conv):
   x = RNG.standard_normal((2, h, w, 5)).astype(np.float32)
@@ -70,11 +72,11 @@ def test_matmul_conv_in_float32_equals_lax_conv(h, w, k, stride, pad, matmul_con
   ref = conv_numpy(x, kernel, stride, pad)
   got = matmul_conv(x, kernel, stride, pad, jnp.float32)
   assert got.dtype == jnp.float32 and got.shape == ref.shape
-  np.testing.assert_allclose(got, ops.conv2d(x, kernel, stride, pad), rtol=0, atol=1e-5)
+  np.testing.assert_allclose(got, lowering.DEFAULT.conv2d(x, kernel, stride, pad), rtol=0, atol=1e-5)
   np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("matmul_conv", [ops.conv2d_matmul, ops.conv2d_tap_matmul])
+@pytest.mark.parametrize("matmul_conv", [lowering.conv2d_matmul, lowering.conv2d_tap_matmul])
 @pytest.mark.parametrize("h,w,k,stride,pad", CASES[:4] + CASES[-3:])
 def test_bfloat16_matmul_conv_accumulates_in_float32(h, w, k, stride, pad, matmul_conv):
   # 300 input channels: a bfloat16 accumulator would be off by ~1e-2, float32 by ~1e-7
@@ -113,20 +115,20 @@ def test_bfloat16_convs_take_the_cpu_matmul_forms(shape, k, stride, cpu_form):
   kernel = (RNG.standard_normal((k, k, shape[3], 8)) / np.sqrt(k * k * shape[3])).astype(np.float32)
   pad = ((1, 1), (1, 1))
   exact = conv_numpy(x, kernel, stride, pad)
-  got = ops.conv2d(x, kernel, stride, pad, jnp.bfloat16)
+  got = BF16.conv2d(x, kernel, stride, pad)
   assert got.dtype == jnp.float32
   if cpu_form.startswith("F"):
     if stride == 1:
-      xp, w, transform = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), kernel, ops.WINOGRAD_F2_3
+      xp, w, transform = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), kernel, lowering.WINOGRAD_F2_3
     else:
-      xp, w = ops._fold_stride2(x, kernel, pad, *exact.shape[1:3])
-      transform = ops.WINOGRAD_F2_2
+      xp, w = lowering._fold_stride2(x, kernel, pad, *exact.shape[1:3])
+      transform = lowering.WINOGRAD_F2_2
     want = winograd_numpy(np.asarray(xp), np.asarray(w), transform, *exact.shape[1:3], bf16_round)
     assert rel(got, want) < 1e-4  # float32 accumulation; bfloat16 sums would be off by ~1e-2
     assert rel(got, exact) < WINOGRAD_LAYER_BOUND
   else:
     assert rel(got, conv_numpy(bf16_round(x), bf16_round(kernel), stride, pad)) < 1e-5
-  traced = jax.jit(lambda x, w: ops.conv2d(x, w, stride, pad, jnp.bfloat16)).trace(x, kernel)
+  traced = jax.jit(lambda x, w: BF16.conv2d(x, w, stride, pad)).trace(x, kernel)
   cpu, *accelerators = (traced.lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "tpu", "cuda"))
   dots = {"F(2x2, 3x3)": 16, "F(2x2, 2x2)": 9, "taps": 4, "taps on N": 1, "direct": 1}[cpu_form]
   if dots == 1:  # conv2d_matmul stacks the kernel's column shifts of the input
@@ -148,7 +150,7 @@ def test_conv_general_dilated_bf16_in_flax_conv():
   assert out.dtype == jnp.float32
   np.testing.assert_allclose(out, ref.apply(rounded, bf16_round(x)), rtol=0, atol=1e-5)
   with pytest.raises(ValueError, match="no dilation or groups"):
-    ops.conv_general_dilated_bf16(x, np.ones((3, 3, 8, 8), np.float32), (1, 1), "SAME",
+    BF16.conv_general_dilated(x, np.ones((3, 3, 8, 8), np.float32), (1, 1), "SAME",
                                   dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=2)
 
 

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 
-from g2face_jax.nn import ops, plain, stylegan
+from g2face_jax.nn import lowering, ops, plain, stylegan
 
 BITS_SHAPE = (512, 32)  # 512 float32 identity values x 32 bits
 N_BITS = BITS_SHAPE[0] * BITS_SHAPE[1]
@@ -125,7 +125,7 @@ class Decoder(nn.Module):
   `dtype` None or 'float32': the official float32 computation (following x's
   dtype). 'bfloat16': the styled convolutions, the pyramid encoder and the
   fusion-mask convs multiply bfloat16 operands with float32 accumulation
-  (`ops.conv2d`); activations between layers, styles, demodulation,
+  (`lowering.Lowering`); activations between layers, styles, demodulation,
   normalisation, noise, biases, FIR filters, hiding injections and ToRGB stay
   float32, and so does the returned image.
   """
@@ -135,7 +135,7 @@ class Decoder(nn.Module):
   dtype: Any = None
 
   def setup(self):
-    ops.matmul_dtype(self.dtype)  # a bad dtype fails here, by name
+    lowering.matmul_dtype(self.dtype)  # a bad dtype fails here, by name
     log_size = int(round(math.log2(self.size)))
     if 2 ** log_size != self.size or self.size < 8 or len(self.channels) != log_size - 1:
       raise ValueError(f"decoder size {self.size} must be a power of two >= 8 with one "

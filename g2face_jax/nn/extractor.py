@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from g2face_jax.nn import ops, plain
+from g2face_jax.nn import lowering, plain
 from g2face_jax.nn.decoder import BITS_SHAPE, N_BITS
 
 WIDTH = 128  # channels of the trunk; each branch has half
@@ -66,7 +66,7 @@ class PasswordExtractor(nn.Module):
 
   `dtype` None or 'float32': the official float32 computation. 'bfloat16': the
   blocks' convs multiply bfloat16 operands with float32 accumulation
-  (`ops.conv2d`); the 3-channel input conv, the output conv, BatchNorm and
+  (`lowering.Lowering`); the 3-channel input conv, the output conv, BatchNorm and
   activations stay float32, and so do the logits.
   """
   image_size: int = 256
@@ -74,7 +74,7 @@ class PasswordExtractor(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    ops.matmul_dtype(self.dtype)  # a bad dtype fails here, by name
+    lowering.matmul_dtype(self.dtype)  # a bad dtype fails here, by name
     if x.shape[1:] != (self.image_size, self.image_size, 3):
       raise ValueError(f"expected images (B, {self.image_size}, {self.image_size}, 3), "
                        f"got {x.shape}")

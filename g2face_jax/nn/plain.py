@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from g2face_jax.nn import ops
+from g2face_jax.nn import lowering
 
 # kaiming_uniform(a=sqrt(5)) as PyTorch draws it: bound = 1/sqrt(fan_in).
 torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -34,18 +34,15 @@ def Conv(in_features: int, features: int, kernel_size: int, stride: int = 1, pad
          use_bias: bool = True, name: str | None = None, dtype=None) -> nn.Conv:
   """`nn.Conv2d` equivalent on NHWC; kernel (k, k, in, out), bias (out,).
 
-  `dtype` None (or 'float32'): `ops.conv_general_dilated` in the promoted
-  input/parameter dtype (`lax.conv`, or matmuls for unpadded 1x1 kernels and,
-  on CPU, the shapes XLA convolves slowly).
-  'bfloat16': bfloat16 operands and float32 accumulation (`ops.conv2d`),
-  float32 bias and output.
+  `dtype` None (or 'float32'): the promoted input/parameter dtype, computed as the
+  default `lowering.Lowering` says (`lax.conv`, or matmuls for unpadded 1x1
+  kernels and, on CPU, the shapes XLA convolves slowly). 'bfloat16': bfloat16
+  operands and float32 accumulation, float32 bias and output.
   """
   k, p = kernel_size, padding
-  fast_conv = (ops.conv_general_dilated if ops.matmul_dtype(dtype) is None
-               else ops.conv_general_dilated_bf16)
   return nn.Conv(features, (k, k), strides=stride, padding=((p, p), (p, p)), use_bias=use_bias,
                  kernel_init=torch_kernel_init, bias_init=torch_bias_init(in_features * k * k),
-                 name=name, conv_general_dilated=fast_conv)
+                 name=name, conv_general_dilated=lowering.for_dtype(dtype).conv_general_dilated)
 
 
 class ConcatConv1x1(nn.Module):
@@ -54,8 +51,7 @@ class ConcatConv1x1(nn.Module):
   parts: arrays (B,H,W,C_i) -> (B,H,W,features). Parameters as `Conv`'s (kernel
   (1, 1, sum C_i, features), bias), so checkpoints and converters see one conv;
   the output is the sum of one matmul per part with its kernel rows, which on
-  CPU costs less than copying the concatenation (the fusion masks at 64-256 px:
-  58-96 against 79-130 ms). `dtype` as `Conv`'s.
+  CPU costs less than copying the concatenation. `dtype` as `Conv`'s.
   """
   features: int
   dtype: Any = None
@@ -65,13 +61,13 @@ class ConcatConv1x1(nn.Module):
     cin = sum(p.shape[-1] for p in parts)
     kernel = self.param("kernel", torch_kernel_init, (1, 1, cin, self.features))
     bias = self.param("bias", torch_bias_init(cin), (self.features,))
-    mm = ops.matmul_dtype(self.dtype)
+    mm = lowering.matmul_dtype(self.dtype)
     out_dtype = jnp.result_type(*parts, kernel) if mm is None else jnp.float32
     out, start = None, 0
     for part in parts:
       rows = kernel[0, 0, start:start + part.shape[-1]]
       start += part.shape[-1]
-      product = ops.channel_dot(part.astype(out_dtype), rows, operand_dtype=mm)
+      product = lowering.channel_dot(part.astype(out_dtype), rows, operand_dtype=mm)
       out = product if out is None else out + product
     return out + bias.astype(out_dtype)
 

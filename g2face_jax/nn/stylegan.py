@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from g2face_jax.nn import ops
+from g2face_jax.nn import lowering, ops
 
 BLUR_TAPS = (1, 3, 3, 1)
 DEMOD_EPS = 1e-8
@@ -64,7 +64,7 @@ class EqualConv(nn.Module):
     cin = x.shape[-1]
     k = self.kernel_size
     weight = self.param("weight", _normal(), (k, k, cin, self.features))
-    return ops.conv2d(x, weight / math.sqrt(cin * k * k), self.stride, self.padding)
+    return lowering.DEFAULT.conv2d(x, weight / math.sqrt(cin * k * k), self.stride, self.padding)
 
 
 class FusedBiasLeakyReLU(nn.Module):
@@ -91,7 +91,7 @@ class ModulatedConv(nn.Module):
   size) then a stride-2 convolution.
 
   `dtype` None (or 'float32'): the convolution runs in x's dtype. 'bfloat16':
-  bfloat16 operands, float32 accumulation and output (`ops.conv2d`); the style,
+  bfloat16 operands, float32 accumulation and output (`lowering.Lowering`); the style,
   demodulation and filters stay float32.
   """
   features: int
@@ -108,9 +108,9 @@ class ModulatedConv(nn.Module):
     weight = self.param("weight", _normal(), (k, k, cin, self.features))
     s = EqualLinear(cin, bias_init=1.0, name="modulation")(style)  # (B, Cin)
     gain = 1.0 / math.sqrt(cin * k * k)
-    mm = ops.matmul_dtype(self.dtype)
+    lower = lowering.for_dtype(self.dtype)
     scale = (s.astype(jnp.float32) * gain)[:, None, None, :]
-    if mm is None:
+    if lower.operand_dtype is None:
       w = weight.astype(x.dtype)
       x = x * scale.astype(x.dtype)
     else:
@@ -120,13 +120,13 @@ class ModulatedConv(nn.Module):
     if self.upsample:
       p = (n_taps - 2) - (k - 1)
       out = ops.conv_transpose2x_fir(x, w, ops.fir_taps(self.blur_taps, 4.0),
-                                     pad=((p + 1) // 2 + 1, p // 2 + 1), dtype=mm)
+                                     pad=((p + 1) // 2 + 1, p // 2 + 1), lowering=lower)
     elif self.downsample:
       p = (n_taps - 2) + (k - 1)
       x = ops.upfirdn2d(x, ops.fir_taps(self.blur_taps), pad=((p + 1) // 2, p // 2))
-      out = ops.conv2d(x, w, stride=2, dtype=mm)
+      out = lower.conv2d(x, w, stride=2)
     else:
-      out = ops.conv2d(x, w, padding=k // 2, dtype=mm)
+      out = lower.conv2d(x, w, padding=k // 2)
     if self.demodulate:
       s_sq = jnp.square(s.astype(jnp.float32))
       w_energy = ops.kernel_energy(weight.astype(jnp.float32)) * gain ** 2
