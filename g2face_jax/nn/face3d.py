@@ -8,6 +8,7 @@ trunk accepts (256x256 in G2Face).
 """
 from __future__ import annotations
 
+import types
 from typing import Sequence
 
 import flax.linen as nn
@@ -22,14 +23,14 @@ EXPANSION = 4
 HEAD_SIZES = (80, 64, 80, 3, 27, 2, 1)  # id, exp, tex, angles, gamma, (tx, ty), tz
 NUM_COEFFS = sum(HEAD_SIZES)  # 257
 
-COEFF_SLICES = {
+COEFF_SLICES = types.MappingProxyType({
     "id": slice(0, 80),
     "exp": slice(80, 144),
     "tex": slice(144, 224),
     "angles": slice(224, 227),
     "gamma": slice(227, 254),
     "translation": slice(254, 257),
-}
+})
 
 
 def split_coefficients(coeff: jax.Array) -> dict[str, jax.Array]:

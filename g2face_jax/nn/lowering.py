@@ -23,12 +23,13 @@ Cout), and equals `lax.conv` to float32 rounding (tests/test_ops.py).
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 
-MATMUL_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+MATMUL_DTYPES = types.MappingProxyType({"float32": None, "bfloat16": jnp.bfloat16})
 
 
 def matmul_dtype(dtype) -> Any:
