@@ -4,7 +4,7 @@ XLA runs a program on one CPU device with its matrix products split over the
 cores, but its elementwise work (norms, activations, Winograd transforms) on one
 thread. Giving each core a device of its own, running one thread, and a share
 of the batch can keep every core busy (`pipeline` splits a batch over all
-devices when they divide it; the README has the measured figures). One face at
+devices when they divide it; docs/benchmarks.md has the figures). One face at
 a time is slower this way (it runs on one core), so this is a choice for batches.
 """
 from __future__ import annotations
