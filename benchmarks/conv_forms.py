@@ -6,7 +6,8 @@
     python benchmarks/conv_forms.py --kernel-energy 3,3,512,512
 
 Each form is jitted alone, called once to compile, then `--rounds` times; the
-best time is printed in ms with the form's relative difference from
+best time is printed in ms and GFLOP/s (of the direct convolution's
+multiply-adds, 2 B H' W' k^2 Cin Cout) with the form's relative difference from
 `lax.conv_general_dilated` (max|form - lax| / max|lax|). The weights are an
 argument of the jitted function, so kernel transforms are paid on every call,
 as inside the model's programs. `--norm-act` adds instance norm and a leaky
@@ -22,7 +23,8 @@ import time
 from typing import Callable, Sequence
 
 FORMS = ("lax", "winograd_f2_3", "winograd_f4_3", "winograd_stride2", "stride2_taps",
-         "conv1x1", "matmul_bf16", "tap_matmul_bf16", "winograd_f2_3_bf16")
+         "conv1x1", "matmul_bf16", "tap_matmul_bf16", "winograd_f2_3_bf16",
+         "winograd_stride2_bf16")
 
 
 def _ints(text: str, count: int | None = None) -> list[int]:
@@ -85,6 +87,8 @@ def form_function(name: str, stride: int, padding: int) -> Callable:
       "winograd_f2_3_bf16": lambda x, w: lowering.conv3x3_winograd(
           x, w, None, lowering.WINOGRAD_F2_3, bf16),
       "winograd_stride2": lambda x, w: lowering.conv4x4_stride2_winograd(x, w, pads),
+      "winograd_stride2_bf16": lambda x, w: lowering.conv4x4_stride2_winograd(x, w, pads,
+                                                                               None, bf16),
       "stride2_taps": lambda x, w: lowering.conv2d_stride2_taps(x, w, pads),
       "conv1x1": lambda x, w: lowering.conv1x1(x, w, stride),
       "matmul_bf16": lambda x, w: lowering.conv2d_matmul(x, w, stride, pads, bf16),
@@ -128,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(f"{args.kernel}x{args.kernel} stride {args.stride} padding {args.padding}, "
         f"{cin}->{cout} at {args.batch}x{args.size}x{args.size}, best of {args.rounds}; "
         f"{bench.device_name()}")
+  out_side = (args.size + 2 * args.padding - args.kernel) // args.stride + 1
+  gflop = 2 * args.batch * out_side ** 2 * args.kernel ** 2 * cin * cout / 1e9
   reference = None
   for name in ["lax"] + [f for f in args.forms if f != "lax"]:
     conv = form_function(name, args.stride, args.padding)
@@ -138,16 +144,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
       ms, out = best_ms(fn, (x, w), args.rounds)
     except ValueError as e:
-      print(f"  {name:20s} not for this shape: {e}")
+      print(f"  {name:22s} not for this shape: {e}")
       continue
     out = np.asarray(out, np.float64)
     if reference is None:
       reference = out
     diff = float(np.max(np.abs(out - reference)) / max(np.max(np.abs(reference)), 1e-30))
     if name == "lax" and "lax" not in args.forms:
-      print(f"  {'lax (reference)':20s} {ms:9.2f} ms")
+      print(f"  {'lax (reference)':22s} {ms:9.2f} ms {gflop / ms * 1e3:7.1f} GFLOP/s")
     else:
-      print(f"  {name:20s} {ms:9.2f} ms   diff from lax {diff:.1e}")
+      print(f"  {name:22s} {ms:9.2f} ms {gflop / ms * 1e3:7.1f} GFLOP/s"
+            f"   diff from lax {diff:.1e}")
   return 0
 
 
