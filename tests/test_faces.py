@@ -1,12 +1,11 @@
-"""Photos: reading, detection on real bundled faces, FFHQ alignment, paste-back."""
+"""Faces: detection on real bundled faces, FFHQ alignment, paste-back."""
 import os
 
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
 
-from g2face_jax import faces
+from g2face_jax import faces, images
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 GROUP = os.path.join(DATA, "group_photo.jpg")  # astronaut (x < 320) and Grace Hopper (x >= 320)
@@ -14,7 +13,7 @@ GROUP = os.path.join(DATA, "group_photo.jpg")  # astronaut (x < 320) and Grace H
 
 @pytest.fixture(scope="module")
 def photo():
-  return faces.read_image(GROUP)
+  return images.read(GROUP)
 
 
 @pytest.fixture(scope="module")
@@ -127,31 +126,6 @@ def test_feather_mask_ramps_to_zero_at_the_border():
   assert m[20, 20] == 1 and m[0, 20] == 0 and m[1, 20] == pytest.approx(1 / 4)
   np.testing.assert_array_equal(m, m.T)
   np.testing.assert_array_equal(m, m[::-1])
-
-
-def test_exif_orientation_is_applied(tmp_path, photo):
-  rotated = np.rot90(photo, k=1)  # stored rotated 90 degrees counter-clockwise
-  exif = Image.Exif()
-  exif[0x0112] = 6  # display: rotate 90 degrees clockwise
-  path = tmp_path / "rotated.png"
-  Image.fromarray(np.ascontiguousarray(rotated)).save(path, exif=exif)
-  np.testing.assert_array_equal(faces.read_image(str(path)), photo)
-
-
-def test_unreadable_inputs_are_one_line_errors(tmp_path):
-  text = tmp_path / "notes.jpg"
-  text.write_text("not a picture")
-  with pytest.raises(faces.ImageError, match="notes.jpg: not an image"):
-    faces.read_image(str(text))
-  data = open(GROUP, "rb").read()
-  cut = tmp_path / "cut.jpg"
-  cut.write_bytes(data[:len(data) // 2])
-  with pytest.raises(faces.ImageError, match="cut.jpg: unreadable or truncated"):
-    faces.read_image(str(cut))
-  with pytest.raises(faces.ImageError, match="no such file"):
-    faces.read_image(str(tmp_path / "missing.png"))
-  with pytest.raises(faces.ImageError, match="is a folder"):
-    faces.read_image(str(tmp_path))
 
 
 def test_no_face_in_a_plain_image():

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from g2face_jax import anonymizer, cli, keys
+from g2face_jax import cli, keys, photo
 from g2face_jax.convert import inception as convert_inception
 from g2face_jax.convert.table import ConversionError
 from g2face_jax.eval import fid, report
@@ -325,7 +325,7 @@ def test_eval_reports_fid_of_anonymized_and_recovered(monkeypatch, tmp_path, fac
 
 
 def test_evaluation_summary_gives_fid_figures_or_says_why_not(eval_bundle, key_file, faces_dir):
-  tool = anonymizer.Anonymizer(eval_bundle, keys.load(key_file), codec="official")
+  tool = photo.Anonymizer(eval_bundle, keys.load(key_file), codec="official")
   without = report.Evaluation(tool, keys.generate(), keys.generate())
   without.add_fid_images(*[np.zeros((32, 32, 3), np.uint8)] * 3)
   summary = without.summary()

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from g2face_jax import anonymizer, faces, keys, pipeline
+from g2face_jax import faces, files, images, keys, photo, pipeline
 from g2face_jax import video
 from g2face_jax.video import anonymize as video_anonymize
 from g2face_jax.video import io
@@ -51,12 +51,12 @@ def clip(tmp_path_factory):
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
   """The left and the right person of the group photo, one photo each."""
-  photo = faces.read_image(GROUP)
+  group = images.read(GROUP)
   folder = tmp_path_factory.mktemp("refs")
   paths = []
-  for name, half in (("left", photo[:, :320]), ("right", photo[:, 320:])):
+  for name, half in (("left", group[:, :320]), ("right", group[:, 320:])):
     paths.append(str(folder / f"{name}.png"))
-    anonymizer.write_png(paths[-1], half)
+    images.write_png(paths[-1], half)
   return paths
 
 
@@ -145,11 +145,11 @@ def test_anonymize_and_recover_a_clip_from_the_command_line(capsys, monkeypatch,
     np.testing.assert_array_equal(r.rgb[outside], a.rgb[outside])
     assert np.any(r.rgb[~outside] != a.rgb[~outside])
   # every restored face was decoded back towards its track's pooled identity (int8 payload)
-  tool = anonymizer.Anonymizer(bundle_dir, keys.load(key_file))
+  tool = photo.Anonymizer(bundle_dir, keys.load(key_file))
   pooled = [t.pooled_embedding() for t in video.analyze(tool, clip, video.Options(batch=4)).tracks]
   rows = np.concatenate(restored)[:16]  # 8 frames x 2 tracks, batches of 4, frame by frame
   for i, row in enumerate(rows):
-    assert anonymizer.cosine(row, pooled[i % 2]) > 0.999
+    assert photo.cosine(row, pooled[i % 2]) > 0.999
 
   # another key: refused, one line, nothing written
   other = str(tmp_path / "other.key")
@@ -166,9 +166,9 @@ def test_one_virtual_identity_per_track(monkeypatch, tmp_path, clip, bundle_dir,
   tracks; the anonymized faces' identity embeddings agree within a track more than between."""
   for mode in ("consistent", "random"):
     recorder = Recorder(monkeypatch)
-    tool = anonymizer.Anonymizer(bundle_dir, keys.load(key_file), identity=mode)
+    tool = photo.Anonymizer(bundle_dir, keys.load(key_file), identity=mode)
     dst = str(tmp_path / f"{mode}.mkv")
-    tool.anonymize_file(clip, dst, video_options=video.Options(batch=4))
+    files.anonymize_file(tool, clip, dst, video_options=video.Options(batch=4))
     z = np.concatenate([c[0] for c in recorder.calls])[:16]
     bits = np.concatenate([c[1] for c in recorder.calls])[:16]
     noise = np.concatenate([c[2][-1] for c in recorder.calls])[:16]
@@ -308,6 +308,6 @@ def test_track_identities_are_computed_in_full_float32(tiny_config):
   variables = random_variables(tiny_config.model, ("arcface",))
   x = np.zeros((1, tiny_config.model.size, tiny_config.model.size, 3), np.float32)
   with jax.default_matmul_precision(None):  # conftest sets 'highest' for the whole run
-    lowered = video_anonymize._arcface.trace(nets, variables, x).lower(lowering_platforms=("cuda",))
+    lowered = photo._arcface.trace(nets, variables, x).lower(lowering_platforms=("cuda",))
   precisions = _precisions(lowered.as_text())
   assert len(precisions) > 5 and set(precisions) == {"HIGHEST"}, sorted(set(precisions))

@@ -1,30 +1,26 @@
 """`g2face prepare-data`: pack an image folder into ArrayRecord shards for Grain.
 
 Each record is one image, PNG-encoded after an optional resize to `size`
-(PIL bilinear with antialiasing, as training resizes), or the file's own bytes
-when no size is given. Shards are named `images-00000-of-00004.array_record`;
+(`images.resize`, as training resizes), or the file's own bytes when no size
+is given. Shards are named `images-00000-of-00004.array_record`;
 train with `data.source=arrayrecord:OUT/images-*.array_record`.
 """
 from __future__ import annotations
 
-import io
 import os
 
 from array_record.python import array_record_module
 
-from g2face_jax.datasets import sources, transforms
+from g2face_jax import images
+from g2face_jax.datasets import sources
 
 
 def _record(path: str, size: int | None) -> bytes:
+  """The record of one image file; ImageError naming the file when it is not an image."""
   with open(path, "rb") as f:
     raw = f.read()
-  if not size:
-    transforms.decode(raw)  # fail here, not in training, on a file that is not an image
-    return raw
-  pixels = transforms.resize(transforms.decode(raw), size)
-  buffer = io.BytesIO()
-  transforms.Image.fromarray(pixels).save(buffer, format="PNG")
-  return buffer.getvalue()
+  pixels = images.decode(raw, path)  # fail here, not in training, on a file that is not an image
+  return images.encode_png(images.resize(pixels, size)) if size else raw
 
 
 def prepare(folder: str, out_dir: str, size: int | None = None, images_per_shard: int = 10_000,
@@ -40,9 +36,10 @@ def prepare(folder: str, out_dir: str, size: int | None = None, images_per_shard
     for path in paths[shard * images_per_shard:(shard + 1) * images_per_shard]:
       try:
         writer.write(_record(path, size))
-      except OSError as e:
+      except (OSError, images.ImageError) as e:
         writer.close()
-        raise ValueError(f"{path}: not a readable image ({e})") from None
+        raise ValueError(str(e) if isinstance(e, images.ImageError) else
+                         f"{path}: not readable ({e})") from None
     writer.close()
     written.append(name)
     log(f"wrote {name}")

@@ -2,7 +2,7 @@
 
 A record is either encoded image bytes (JPEG/PNG: folders, ArrayRecord shards)
 or an (H, W, 3) / (H, W) uint8 array (the demo set, TFDS); `transforms.decode`
-takes both. `open_source(spec)` picks the source from the config's `data.source`:
+takes both. Folders hold the files `images` reads (`images.SUFFIXES`). `open_source(spec)` picks the source from the config's `data.source`:
   'demo'                 the bundled demo set (scikit-image's LFW face crops)
   'arrayrecord:GLOB'     ArrayRecord shards written by `g2face prepare-data`
   'tfds:NAME[:SPLIT]'    a prepared TensorFlow Datasets dataset (optional extra)
@@ -16,7 +16,8 @@ import os
 import grain
 import numpy as np
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+from g2face_jax import images
+
 DEMO_FACES = 100  # lfw_subset holds 100 face crops followed by 100 non-faces
 
 
@@ -25,9 +26,9 @@ def list_images(root: str) -> list[str]:
   if not os.path.isdir(root):
     raise FileNotFoundError(f"{root}: image folder not found")
   paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files
-                 if f.lower().endswith(IMAGE_EXTENSIONS))
+                 if f.lower().endswith(images.SUFFIXES) and not f.startswith("."))
   if not paths:
-    raise ValueError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+    raise ValueError(f"{root}: no images ({', '.join(images.SUFFIXES)}) in this folder")
   return paths
 
 

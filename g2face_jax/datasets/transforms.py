@@ -1,40 +1,39 @@
-"""Per-image transforms: decode, resize with antialiasing, random flip, [-1, 1].
+"""Per-record transforms of the training input pipeline: decode, resize, random flip, [-1, 1].
 
-The official data path is torchvision Resize((256, 256)) on PIL images (PIL
-bilinear, which filters over the whole footprint when shrinking), a random
-horizontal flip and Normalize(0.5, 0.5); the same steps here, NHWC.
+The official data path is torchvision Resize((256, 256)) on PIL images (PIL's
+antialiased bilinear), a random horizontal flip and Normalize(0.5, 0.5); the
+same steps here, NHWC, through `images` (the reader, resize and range that
+inference and evaluation use, so a file gives the model the same pixels on
+every road).
 """
 from __future__ import annotations
 
-import io
-
 import grain
 import numpy as np
-from PIL import Image
+
+from g2face_jax import images
 
 
-def decode(record) -> Image.Image:
-  """Encoded bytes or an (H, W[, C]) uint8 array -> an RGB PIL image."""
+def decode(record) -> np.ndarray:
+  """A record: encoded image bytes or an (H, W[, C]) uint8 array -> (H, W, 3) uint8 RGB."""
   if isinstance(record, (bytes, bytearray)):
-    image = Image.open(io.BytesIO(record))
-  else:
-    image = Image.fromarray(np.asarray(record, np.uint8).squeeze())
-  return image.convert("RGB")
+    return images.decode(bytes(record), "record")
+  return images.from_array(record)
 
 
-def resize(image: Image.Image, size: int) -> np.ndarray:
-  """RGB image -> (size, size, 3) uint8, PIL bilinear with antialiasing (torchvision's Resize)."""
-  if image.size != (size, size):
-    image = image.resize((size, size), Image.BILINEAR)
-  return np.asarray(image, np.uint8)
+def resize(pixels: np.ndarray, size: int) -> np.ndarray:
+  """(H, W, 3) uint8 -> (size, size, 3) uint8 (`images.resize`)."""
+  return images.resize(pixels, size)
 
 
 def to_unit_range(pixels: np.ndarray) -> np.ndarray:
-  """uint8 (..., 3) -> float32 in [-1, 1]: (x / 255 - 0.5) / 0.5."""
-  return (pixels.astype(np.float32) / 255.0 - 0.5) / 0.5
+  """uint8 (..., 3) -> float32 in [-1, 1] (`images.to_unit`)."""
+  return images.to_unit(pixels)
 
 
 class DecodeResize(grain.transforms.Map):
+  """A record -> (size, size, 3) uint8 RGB."""
+
   def __init__(self, size: int):
     self.size = size
 
@@ -50,5 +49,7 @@ class RandomFlip(grain.transforms.RandomMap):
 
 
 class ToUnitRange(grain.transforms.Map):
+  """uint8 pixels -> float32 in [-1, 1]."""
+
   def map(self, pixels: np.ndarray) -> np.ndarray:
     return to_unit_range(pixels)

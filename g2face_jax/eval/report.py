@@ -1,8 +1,9 @@
 """`g2face eval`: the paper's metrics on a folder of face images, as a report.
 
-Every image is taken as one aligned face crop (resized to the model size) and
-goes through what a user gets: `Anonymizer` with the key (anonymize, write as
-uint8, recover), plus the wrong-key recovery. Metrics:
+Every image is taken as one aligned face crop (`read_face`: `images.read` and
+`images.resize` to the model size, as `--aligned` photos and training read it)
+and goes through what a user gets: `photo.Anonymizer` with the key (anonymize,
+write as uint8, recover), plus the wrong-key recovery. Metrics:
   anonymization  ArcFace cosine original vs anonymized; top-1/5 retrieval of
                  the anonymized faces among the originals; the independent
                  recognizer's match rate (dlib, distance < 0.6)
@@ -28,8 +29,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from g2face_jax import anonymizer as anonymizer_lib
-from g2face_jax import faces, keys, payload, pipeline
+from g2face_jax import faces, files, images, keys, payload, photo, pipeline
 from g2face_jax.eval import fid, metrics, recognizer
 from g2face_jax.nn import bfm as bfm_lib
 from g2face_jax.nn import decoder, face3d
@@ -39,14 +39,16 @@ FID_SKIPPED = "skipped: pass --inception pt_inception-2015-12-05-6726825d.pth to
 FID_SETS = ("original", "anonymized", "recovered")
 
 
-def _to_float(image: np.ndarray) -> np.ndarray:
-  return image.astype(np.float32) / 127.5 - 1.0
+def read_face(path: str, size: int) -> np.ndarray:
+  """The image at `path` as one aligned face: (size, size, 3) uint8 (ImageError naming it)."""
+  return images.resize(images.read(path), size)
 
 
 def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:
+  """(H, W, 3) uint8 through JPEG at `quality` and back."""
   buffer = io.BytesIO()
   Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
-  return np.array(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+  return images.decode(buffer.getvalue(), f"JPEG q{quality}")
 
 
 class Evaluation:
@@ -56,13 +58,13 @@ class Evaluation:
   `fid.InceptionFeatures`), or None to skip FID.
   """
 
-  def __init__(self, tool: anonymizer_lib.Anonymizer, wrong_key: keys.Key, other_key: keys.Key,
+  def __init__(self, tool: photo.Anonymizer, wrong_key: keys.Key, other_key: keys.Key,
                inception_features: Callable[[np.ndarray], np.ndarray] | None = None):
     self.tool = tool
-    self.wrong = anonymizer_lib.Anonymizer(tool.bundle, wrong_key, identity=tool.identity,
-                                           codec=tool.codec, layout=tool.layout)
-    self.other = anonymizer_lib.Anonymizer(tool.bundle, other_key, identity=tool.identity,
-                                           codec=tool.codec, layout=tool.layout)
+    self.wrong = photo.Anonymizer(tool.bundle, wrong_key, identity=tool.identity,
+                                  codec=tool.codec, layout=tool.layout)
+    self.other = photo.Anonymizer(tool.bundle, other_key, identity=tool.identity,
+                                  codec=tool.codec, layout=tool.layout)
     self.values: dict[str, list[float]] = {}
     self.ids = {"original": [], "anonymized": []}
     self.failures: list[str] = []
@@ -74,7 +76,7 @@ class Evaluation:
     self.values.setdefault(name, []).extend(np.ravel(np.asarray(value, np.float64)).tolist())
 
   def _analyze(self, image: np.ndarray) -> dict:
-    out = pipeline.analyze(self.tool.nets, self.tool.variables, _to_float(image)[None])
+    out = pipeline.analyze(self.tool.nets, self.tool.variables, images.to_unit(image)[None])
     return {k: np.asarray(v) for k, v in out.items()}
 
   def _bit_error_rates(self, crop: np.ndarray, arc_id: np.ndarray, coeff: np.ndarray,
@@ -85,9 +87,9 @@ class Evaluation:
     z = keys.random_z(self.tool.key, context)[None]
     noise = keys.decoder_noise(self.tool.key, context, decoder.noise_shapes(self.tool.size, 1))
     anon = np.asarray(pipeline.anonymize(nets, variables, crop[None], coeff, z, bits, noise)["anon"])
-    stored = {"float": anon, "png": _to_float(anonymizer_lib.to_uint8(anon[0]))[None]}
+    stored = {"float": anon, "png": images.to_unit(images.to_uint8(anon[0]))[None]}
     for q in JPEG_QUALITIES:
-      stored[f"jpeg{q}"] = _to_float(_jpeg(anonymizer_lib.to_uint8(anon[0]), q))[None]
+      stored[f"jpeg{q}"] = images.to_unit(_jpeg(images.to_uint8(anon[0]), q))[None]
     for name, image in stored.items():
       extracted = pipeline.extract_identity(nets, variables, image)["bits"]
       self._add(f"bit_error_rate_{name}", metrics.bit_error_rate(extracted, bits))
@@ -111,7 +113,7 @@ class Evaluation:
     self._add("dlib_still_matches", float(recognizer.same_person(d_orig, d_anon)[1]))
 
     recovered, _ = tool.recover_image(anon, stamp, aligned=True)
-    x, r = _to_float(image)[None], _to_float(recovered)[None]
+    x, r = images.to_unit(image)[None], images.to_unit(recovered)[None]
     self._add("psnr_db", metrics.psnr(r, x))
     self._add("ssim", metrics.ssim(r, x))
     self._add("mae", metrics.mae(r, x))
@@ -120,7 +122,7 @@ class Evaluation:
       self._add("lpips", models.build_lpips(tool.bundle.config.model).apply(
           tool.bundle.variables["lpips"], r, x))
     self._add("id_cosine_recovered", metrics.cosine(orig["arc_id"], self._analyze(recovered)["arc_id"]))
-    self._bit_error_rates(x[0], orig["arc_id"], orig["coeff"], anonymizer_lib.photo_digest(image))
+    self._bit_error_rates(x[0], orig["arc_id"], orig["coeff"], photo.photo_digest(image))
     self.add_fid_images(image, anon, recovered)
 
     mirrored = np.ascontiguousarray(image[:, ::-1])
@@ -133,7 +135,7 @@ class Evaluation:
       wrong, _ = self.wrong.recover_image(anon, stamp, aligned=True)
       self._add("wrong_key_rejected", 0.0)
       self._add("wrong_key_id_cosine", metrics.cosine(orig["arc_id"], self._analyze(wrong)["arc_id"]))
-    except anonymizer_lib.FileError:
+    except photo.FileError:
       self._add("wrong_key_rejected", 1.0)
       wrong = np.zeros_like(image)
     self.grid_rows.append(np.concatenate([image, anon, recovered, wrong], axis=1))
@@ -210,27 +212,25 @@ def markdown(summary: dict, title: str) -> str:
   return "\n".join(lines) + "\n"
 
 
-def run(tool: anonymizer_lib.Anonymizer, paths: Sequence[str], out_dir: str,
+def run(tool: photo.Anonymizer, paths: Sequence[str], out_dir: str,
         wrong_key: keys.Key | None = None, limit: int | None = None,
         progress: Callable[[Iterable], Iterable] = iter, inception: str | None = None) -> dict:
   """Evaluate every image of `paths` (files or folders) and write the report to out_dir.
 
   inception: path of pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` to compute FID.
   """
-  anonymizer_lib.check_output_folder(out_dir)
+  files.check_output_folder(out_dir)
   features = None
   if inception is not None:
     from g2face_jax.convert import inception as convert_inception  # reads the file with torch
     features = fid.InceptionFeatures(convert_inception.load(inception))
   wrong_key = wrong_key or keys.generate()
   evaluation = Evaluation(tool, wrong_key, keys.generate(), inception_features=features)
-  items = anonymizer_lib.collect_inputs(paths)[:limit]
+  items = files.collect_inputs(paths)[:limit]
   for src, _ in progress(items):
     try:
-      image = faces.read_image(src)
-      evaluation.add(src, np.asarray(Image.fromarray(image).resize((tool.size, tool.size),
-                                                                   Image.Resampling.LANCZOS)))
-    except (faces.ImageError, anonymizer_lib.FileError) as e:
+      evaluation.add(src, read_face(src, tool.size))
+    except (images.ImageError, photo.FileError) as e:
       evaluation.failures.append(str(e) if str(e).startswith(src) else f"{src}: {e}")
   summary = evaluation.summary()
   with open(os.path.join(out_dir, "metrics.json"), "w") as f:
@@ -238,6 +238,6 @@ def run(tool: anonymizer_lib.Anonymizer, paths: Sequence[str], out_dir: str,
   with open(os.path.join(out_dir, "report.md"), "w") as f:
     f.write(markdown(summary, f"g2face eval: {tool.bundle.path}"))
   if evaluation.grid_rows:
-    Image.fromarray(np.concatenate(evaluation.grid_rows[:8], axis=0)).save(
-        os.path.join(out_dir, "grid.png"))
+    images.write_png(os.path.join(out_dir, "grid.png"),
+                     np.concatenate(evaluation.grid_rows[:8], axis=0))
   return summary

@@ -13,7 +13,8 @@ import time
 import jax
 import numpy as np
 from clu import metrics as clu_metrics
-from PIL import Image
+
+from g2face_jax import images
 
 
 class IntervalAverages:
@@ -38,7 +39,7 @@ def image_grid(rows: list[np.ndarray]) -> np.ndarray:
   one uint8 picture with a column per sample and a row per kind, clipped to [-1, 1]."""
   stacked = np.stack([np.asarray(r, np.float32) for r in rows])  # (R, B, S, S, 3)
   r, b, s, _, c = stacked.shape
-  pixels = np.round((np.clip(stacked, -1, 1) + 1) * 127.5).astype(np.uint8)
+  pixels = images.to_uint8(stacked)
   return pixels.transpose(0, 2, 1, 3, 4).reshape(r * s, b * s, c)
 
 
@@ -78,7 +79,7 @@ class Writer:
       return None
     picture = image_grid(rows)
     path = os.path.join(self.workdir, "samples", f"{name}_{step:07d}.png")
-    Image.fromarray(picture).save(path)
+    images.write_png(path, picture)
     if self._tb:
       self._tb.add_image(name, picture, step, dataformats="HWC")
     return path

@@ -1,5 +1,5 @@
-"""Anonymize and recover videos with an `anonymizer.Anonymizer` (its bundle, key,
-identity mode and payload codec).
+"""Anonymize and recover videos with a `photo.Anonymizer` (its bundle, key, identity
+mode and payload codec), through its public API only.
 
 Anonymize, in two passes over the decoded frames:
   1. detect faces (every `detect_every`-th frame), align each detection and
@@ -39,14 +39,12 @@ import time
 from typing import Callable, Iterable, Iterator, Sequence
 
 import av
-import jax
 import numpy as np
 
-from g2face_jax import anonymizer, faces, keys, pipeline
-from g2face_jax.nn import decoder
+from g2face_jax import faces, images, photo
 from g2face_jax.video import io, stamp as stamp_lib, tracking
 
-MATCH_THRESHOLD = anonymizer.VERIFY_THRESHOLD  # ArcFace cosine for --keep / --only
+MATCH_THRESHOLD = photo.VERIFY_THRESHOLD  # ArcFace cosine for --keep / --only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,13 +96,6 @@ def _progress(opts: Options, desc: str, total: int):
   return opts.progress(desc, total) if opts.progress else _NoProgress()
 
 
-@functools.partial(jax.jit, static_argnums=0)
-@pipeline.float32_matmuls
-def _arcface(nets: pipeline.Networks, variables, x):
-  """x (B,S,S,3) in [-1,1] -> (B,512) ArcFace identities (only; no 3DMM)."""
-  return nets.arcface.apply(variables["arcface"], x)
-
-
 def _pad(rows: np.ndarray, batch: int) -> np.ndarray:
   return rows if len(rows) == batch else np.concatenate(
       [rows, np.repeat(rows[-1:], batch - len(rows), axis=0)])
@@ -142,9 +133,8 @@ def _jobs(chunk: Sequence[io.Frame], tracks: Sequence) -> list[tuple[int, int]]:
           if track.covers(f.index)]
 
 
-def _crops(tool, chunk, tracks, jobs) -> np.ndarray:
-  return np.stack([faces.align(chunk[k].rgb, tracks[t].quad(chunk[k].index), tool.size)
-                   for k, t in jobs])
+def _crops(tool: photo.Anonymizer, chunk, tracks, jobs) -> np.ndarray:
+  return np.stack([tool.align(chunk[k].rgb, tracks[t].quad(chunk[k].index)) for k, t in jobs])
 
 
 def _paste(chunk, tracks, jobs, crops) -> list[np.ndarray]:
@@ -154,8 +144,8 @@ def _paste(chunk, tracks, jobs, crops) -> list[np.ndarray]:
   return out
 
 
-def _file_error(e: Exception) -> anonymizer.FileError:
-  return anonymizer.FileError(str(e))
+def _file_error(e: Exception) -> photo.FileError:
+  return photo.FileError(str(e))
 
 
 # --- pass 1: detection, identities, tracks ---
@@ -169,7 +159,7 @@ class Analysis:
   warnings: list[str]     # damage, a file cut short
 
 
-def analyze(tool: anonymizer.Anonymizer, path: str, opts: Options = Options()) -> Analysis:
+def analyze(tool: photo.Anonymizer, path: str, opts: Options = Options()) -> Analysis:
   """Detect, embed and track the faces of the video at `path` (FileError on bad input)."""
   try:
     info = io.probe(path)
@@ -178,7 +168,7 @@ def analyze(tool: anonymizer.Anonymizer, path: str, opts: Options = Options()) -
     bar = _progress(opts, "detect", info.frames or None)
 
     def embed():
-      ids = _batched(lambda x: (_arcface(tool.nets, tool.variables, x),), opts.batch,
+      ids = _batched(lambda x: (tool.identities(x),), opts.batch,
                      np.stack([c for _, c in pending]))[0]
       for (obs, _), e in zip(pending, ids):
         obs.embedding = e
@@ -190,7 +180,7 @@ def analyze(tool: anonymizer.Anonymizer, path: str, opts: Options = Options()) -
       if frame.index % opts.detect_every == 0:
         found = [tracking.Observation(frame.index, f.quad.astype(np.float32))
                  for f in faces.detect(frame.rgb)]
-        pending += [(o, faces.align(frame.rgb, o.quad, tool.size)) for o in found]
+        pending += [(o, tool.align(frame.rgb, o.quad)) for o in found]
         runs.append(found)
         if len(pending) >= opts.batch:
           embed()
@@ -202,7 +192,7 @@ def analyze(tool: anonymizer.Anonymizer, path: str, opts: Options = Options()) -
   except io.VideoError as e:
     raise _file_error(e) from None
   if n == 0:
-    raise anonymizer.FileError(reader.damage or "no frames in the video")
+    raise photo.FileError(reader.damage or "no frames in the video")
   warnings = [w for w in (reader.damage, reader.cut_short) if w]
   if info.frames and info.frames != n:
     warnings.append(f"read {n} of the {info.frames} frames the container declares")
@@ -210,20 +200,20 @@ def analyze(tool: anonymizer.Anonymizer, path: str, opts: Options = Options()) -
   small = [(i, t.median_side) for i, t in enumerate(tracks) if t.median_side < tool.min_face]
   if small:
     i, side = min(small, key=lambda s: s[1])
-    raise anonymizer.FileError(f"face too small (track {i}: {side:.0f} px, at least "
-                               f"{tool.min_face:.0f} px needed; {len(tracks)} track(s) found)")
+    raise photo.FileError(f"face too small (track {i}: {side:.0f} px, at least "
+                          f"{tool.min_face:.0f} px needed; {len(tracks)} track(s) found)")
   return Analysis(info, n, digest.digest(), tracks, warnings)
 
 
-def reference_identities(tool: anonymizer.Anonymizer, paths: Sequence[str]) -> tuple:
+def reference_identities(tool: photo.Anonymizer, paths: Sequence[str]) -> tuple:
   """ArcFace identities (512,) of the largest face of each reference photo (--keep/--only);
   FileError naming the photo."""
   out = []
   for path in paths:
     try:
-      out.append(tool.reference_identity(faces.read_image(path)))
-    except (faces.ImageError, anonymizer.FileError) as e:
-      raise anonymizer.FileError(f"reference {path}: {str(e).removeprefix(path + ': ')}") from None
+      out.append(tool.reference_identity(images.read(path)))
+    except (images.ImageError, photo.FileError) as e:
+      raise photo.FileError(f"reference {path}: {str(e).removeprefix(path + ': ')}") from None
   return tuple(out)
 
 
@@ -233,23 +223,22 @@ def _decide(tool, track: tracking.Track, opts: Options) -> tuple[str, float | No
   if not refs:
     return "anonymized", None
   pooled = track.pooled_embedding()
-  best = max(anonymizer.cosine(pooled, r) for r in refs)
+  best = max(photo.cosine(pooled, r) for r in refs)
   match = best >= opts.match_threshold
   return ("kept" if match == bool(opts.keep) else "anonymized"), best
 
 
 # --- pass 2: anonymize and write ---
 
-def _anonymize_batch(tool, x, z, bits, *noise):
-  coeff = tool.stages.analyze(x)["coeff"]
-  return (tool.stages.anonymize(x, coeff, z, bits, list(noise))["anon"],)
+def _anonymize_batch(tool: photo.Anonymizer, x, z, bits, *noise):
+  return (tool.anonymize_crops(x, z, bits, noise),)
 
 
-def _extract_batch(tool, x):
-  return (tool.stages.extract_identity(x)["logits"],)
+def _extract_batch(tool: photo.Anonymizer, x):
+  return (tool.extract_logits(x),)
 
 
-def anonymize_video(tool: anonymizer.Anonymizer, src: str, dst: str,
+def anonymize_video(tool: photo.Anonymizer, src: str, dst: str,
                     opts: Options = Options()) -> dict:
   """Anonymize the video `src` into the Matroska file `dst`; returns the JSON-ready summary.
   FileError (one line) on bad input or an unwritable output; then nothing is written."""
@@ -259,8 +248,7 @@ def anonymize_video(tool: anonymizer.Anonymizer, src: str, dst: str,
   tracks = [t for t, (d, _) in zip(analysis.tracks, decisions) if d == "anonymized"]
   codes = [tool.face_code(t.pooled_embedding(), analysis.digest + b"/track%d" % i)
            for i, t in enumerate(tracks)]
-  video_stamp = stamp_lib.VideoStamp(tool.codec, tool.layout if tool.codec == "secure" else None,
-                                     tool.size, analysis.frames,
+  video_stamp = stamp_lib.VideoStamp(tool.codec, tool.stamp_layout, tool.size, analysis.frames,
                                      tuple(stamp_lib.TrackStamp(t.first, t.quads) for t in tracks))
   measure = opts.crf is not None if opts.measure is None else opts.measure
   exact_bits = []
@@ -293,8 +281,8 @@ def anonymize_video(tool: anonymizer.Anonymizer, src: str, dst: str,
           bar.set_postfix(faces=len(jobs))
         bar.close()
         if writer.frames != analysis.frames:
-          raise anonymizer.FileError(f"the video changed while it was read ({analysis.frames} "
-                                     f"then {writer.frames} frames)")
+          raise photo.FileError(f"the video changed while it was read ({analysis.frames} "
+                                f"then {writer.frames} frames)")
   except (io.VideoError, av.FFmpegError) as e:
     raise _file_error(e) from None
   seconds = time.perf_counter() - start
@@ -361,7 +349,7 @@ def measure_payload(tool, path: str, video_stamp: stamp_lib.VideoStamp,
                     hidden: Sequence[np.ndarray], exact_bits: np.ndarray,
                     opts: Options = Options()) -> dict:
   """Read the payload back from the written video: bit error rates and per-track decoding."""
-  if "extractor" not in tool.bundle.variables:
+  if not tool.has("extractor"):
     return dict(error="the bundle has no extractor: payload not measured")
   mean_logits, bits = _extract(tool, path, video_stamp.tracks, opts, "measure")
   owner = [t for frame in range(video_stamp.frames)
@@ -375,7 +363,7 @@ def measure_payload(tool, path: str, video_stamp: stamp_lib.VideoStamp,
       if video_stamp.codec == "official" and np.any((logits > 0) != (hidden[i] > 0.5)):
         errors.append(f"track {i}: {int(np.sum((logits > 0) != (hidden[i] > 0.5)))} bit errors "
                       "after averaging (the official code has no error correction)")
-    except anonymizer.FileError as e:
+    except photo.FileError as e:
       errors.append(str(e))
   return dict(bit_error_rate=float(np.mean(bits != expected)),
               bit_flips_from_coding=float(np.mean(bits != exact_bits)),
@@ -395,14 +383,14 @@ def read_stamp(path: str) -> stamp_lib.VideoStamp | None:
   try:
     return stamp_lib.VideoStamp.from_bytes(data)
   except ValueError as e:
-    raise anonymizer.FileError(str(e)) from None
+    raise photo.FileError(str(e)) from None
 
 
-def _restore_batch(tool, anon, identity, bits, *noise):
-  return (tool.stages.restore(anon, identity, bits, list(noise))["recovered"],)
+def _restore_batch(tool: photo.Anonymizer, anon, identity, bits, *noise):
+  return (tool.restore_crops(anon, identity, bits, noise),)
 
 
-def recover_video(tool: anonymizer.Anonymizer, src: str, dst: str,
+def recover_video(tool: photo.Anonymizer, src: str, dst: str,
                   opts: Options = Options()) -> dict:
   """Recover the faces of the anonymized video `src` into the lossless Matroska `dst`."""
   start = time.perf_counter()
@@ -412,17 +400,16 @@ def recover_video(tool: anonymizer.Anonymizer, src: str, dst: str,
     raise _file_error(e) from None
   video_stamp = read_stamp(src)
   if video_stamp is None:
-    raise anonymizer.FileError("no g2face recovery data in the video (not a g2face output, or "
+    raise photo.FileError("no g2face recovery data in the video (not a g2face output, or "
                                "remuxed without its attachment)")
   if video_stamp.size != tool.size:
-    raise anonymizer.FileError(f"anonymized with a {video_stamp.size}-pixel model, the "
-                               f"bundle's is {tool.size}")
+    raise photo.FileError(f"anonymized with a {video_stamp.size}-pixel model, the "
+                          f"bundle's is {tool.size}")
   tracks = video_stamp.tracks
   mean_logits, _ = _extract(tool, src, tracks, opts, "read payload")
   decoded = [tool.read_payload(lg.astype(np.float32), video_stamp.codec, video_stamp.layout,
                                f"track {i}") for i, lg in enumerate(mean_logits)]
-  noises = [keys.decoder_noise(tool.key, b"recover/" + t.context(),
-                               decoder.noise_shapes(tool.size, 1)) for t in tracks]
+  noises = [tool.recover_noise(t.context()) for t in tracks]
   n = 0
   try:
     with av.open(src) as template:

@@ -27,7 +27,8 @@ from typing import Iterator
 
 import av
 import numpy as np
-from PIL import Image
+
+from g2face_jax import images
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts",
                   ".wmv", ".flv", ".3gp", ".ogv", ".mts", ".m2ts")
@@ -64,19 +65,11 @@ class Frame:
     return float(self.pts * self.time_base)
 
 
-def _is_image(path: str) -> bool:
-  try:
-    with Image.open(path):
-      return True
-  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-    return False
-
-
 def is_video(path: str) -> bool:
   """True when `path` is a video by its content: not a still image Pillow reads, and
   FFmpeg opens it. A file FFmpeg opens without a video stream counts as a (bad) video,
   so that it gets the video error; so does an unreadable file with a video suffix."""
-  if not os.path.isfile(path) or _is_image(path):
+  if not os.path.isfile(path) or images.is_image(path):
     return False
   try:
     with av.open(path) as container:
