@@ -8,8 +8,9 @@ Overrides after the variant set top-level-or-dotted fields, e.g.
 `configs/g2face.py:paper,model.size=128` or `smoke,train.num_steps=50`.
 
 Training sections (read by `g2face_jax.train`): `train` (optimizer, schedule,
-batch), `loss` (weights of the official recipe), `data`, `pretrained` (files a
-user brings; empty = random initialisation), `checkpoint`, `log` and `mesh`.
+batch), `loss` (weights of the official recipe), `data`, `pretrained` (the bundle
+of converted networks a run starts from; empty = random initialisation),
+`checkpoint`, `log` and `mesh`.
 The paper values are the official recipe (see the "Training recipe" spec).
 """
 from __future__ import annotations
@@ -76,12 +77,15 @@ def _training(global_batch: int, replica_batch: int, num_steps: int) -> dict:
           prefetch=2,                   # batches read ahead per worker
       )),
       pretrained=ml_collections.ConfigDict(dict(
-          stylegan2="",     # 550000.pt: g_ema into the decoder's synthesis layers
-          arcface="",       # ms1mv3_arcface_r50.pth
-          recon_net="",     # Deep3DFaceRecon epoch_20.pth
-          lpips_vgg="",     # torchvision vgg16 features state dict
-          lpips_heads="",   # lpips v0.1 vgg.pth
-          bfm="",           # BFM_model_front.mat; empty: a small random synthetic BFM
+          # A bundle folder written by `g2face convert` (--stylegan --arcface --d3dfr
+          # --lpips-vgg16 --lpips-heads --bfm) for this config's model. Empty: random
+          # stand-ins for ArcFace, the 3DMM regressor and LPIPS, a small synthetic BFM and
+          # a fresh decoder (smoke and test runs: identity and geometry then mean nothing).
+          bundle="",
+          # With a bundle: start the generator from its decoder (the StyleGAN2 synthesis
+          # layers of `--stylegan`, or a whole G2Face model of `--g2face` / `g2face
+          # export`); False: a fresh generator, only the frozen networks and BFM read.
+          start=True,
       )),
       checkpoint=ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True)),
       log=ml_collections.ConfigDict(dict(every_steps=10, sample_every_steps=500, samples=4,

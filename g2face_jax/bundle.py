@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from g2face_jax import models
 from g2face_jax.nn.bfm import BFM
 
 FORMAT = "g2face-bundle/1"
@@ -32,11 +33,17 @@ SOURCE_OF = {
     "style_mapper": "--g2face", "map_2_id": "--g2face", "extractor": "--g2face",
     "discriminator": "--g2face", "arcface": "--arcface", "recon_net": "--d3dfr",
     "bfm": "--bfm", "lpips": "--lpips-vgg16 and --lpips-heads",
+    "inception": "--inception (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)",
 }
 
 
 class BundleError(ValueError):
   """A bundle folder is missing, damaged or lacks what a command needs."""
+
+
+def _shapes(tree) -> dict[tuple[str, ...], tuple[int, ...]]:
+  return {tuple(getattr(k, "key", str(k)) for k in path): tuple(np.shape(leaf))
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def sha256_of(path: str | os.PathLike) -> str:
@@ -71,14 +78,40 @@ class Bundle:
       hints = "; ".join(f"{n} comes from `g2face convert {SOURCE_OF.get(n, '?')}`" for n in missing)
       raise BundleError(f"{self.path}: bundle has no {', '.join(missing)}, needed to {purpose} ({hints})")
 
+  def check_fits(self, model: ml_collections.ConfigDict, *names: str, purpose: str) -> None:
+    """Raise a one-line BundleError if a network of `names` has other variable shapes than
+    `model` (a config's `model` section) builds, naming the model fields that differ."""
+    for name in names:
+      want = _shapes(models.abstract_variables(model, name))
+      got = _shapes(self.variables[name])
+      if got == want:
+        continue
+      where = (sorted(set(got) ^ set(want)) or [k for k in want if got[k] != want[k]])[0]
+      differ = _differing_fields(self.config.model, model)
+      hint = (f"the bundle was converted for model {differ}" if differ
+              else "its model config matches, the stored arrays do not")
+      raise BundleError(f"{self.path}: the bundle's {name} does not fit the model needed to "
+                        f"{purpose} ({'/'.join(where)}: {got.get(where, 'nothing')}, expected "
+                        f"{want.get(where, 'nothing')}; {hint})")
+
+
+def _differing_fields(ours: ml_collections.ConfigDict, other: ml_collections.ConfigDict) -> str:
+  """'key=value, ...' of `ours` where `other` differs (JSON lists equal tuples)."""
+  plain = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+  keys = sorted(set(ours.keys()) | set(other.keys()))
+  return ", ".join(f"{k}={ours.get(k)}" for k in keys if plain(ours.get(k)) != plain(other.get(k)))
+
 
 def save(out_dir: str | os.PathLike, config: ml_collections.ConfigDict,
          variables: Mapping[str, Any], bfm: BFM | None = None,
-         sources: Mapping[str, str | os.PathLike] | None = None) -> str:
+         sources: Mapping[str, str | os.PathLike] | None = None,
+         recorded_sources: Mapping[str, Mapping[str, str]] | None = None) -> str:
   """Write a bundle to `out_dir` (which must not exist or be empty); returns its path.
 
   config: the full config (its `model` section builds the networks);
-  sources: {option name: file it was converted from}, recorded with SHA-256.
+  sources: {option name: file it was converted from}, recorded with SHA-256;
+  recorded_sources: entries already in that form ({'file', 'sha256'}), e.g. the
+  sources of the bundle a training run started from.
   """
   out_dir = os.path.abspath(os.fspath(out_dir))
   if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
@@ -99,8 +132,9 @@ def save(out_dir: str | os.PathLike, config: ml_collections.ConfigDict,
       "config": json.loads(config.to_json()),
       "networks": sorted(variables),
       "bfm": bfm is not None,
-      "sources": {k: {"file": os.path.basename(os.fspath(p)), "sha256": sha256_of(p)}
-                  for k, p in (sources or {}).items()},
+      "sources": {**{k: dict(v) for k, v in (recorded_sources or {}).items()},
+                  **{k: {"file": os.path.basename(os.fspath(p)), "sha256": sha256_of(p)}
+                     for k, p in (sources or {}).items()}},
   }
   with open(os.path.join(out_dir, MANIFEST), "w") as f:
     json.dump(manifest, f, indent=2)

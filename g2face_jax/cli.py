@@ -29,10 +29,11 @@ def _convert(args) -> int:
   from g2face_jax import config as config_lib
   from g2face_jax.convert import build
   files = dict(g2face=args.g2face, arcface=args.arcface, d3dfr=args.d3dfr, bfm=args.bfm,
-               lpips_vgg16=args.lpips_vgg16, lpips_heads=args.lpips_heads, stylegan=args.stylegan)
+               lpips_vgg16=args.lpips_vgg16, lpips_heads=args.lpips_heads, stylegan=args.stylegan,
+               inception=args.inception)
   if not any(files.values()):
     raise ValueError("give at least one file to convert (--g2face, --arcface, --d3dfr, --bfm, "
-                     "--lpips-vgg16/--lpips-heads, --stylegan)")
+                     "--lpips-vgg16/--lpips-heads, --stylegan, --inception)")
   build.build_bundle(args.out, config_lib.load(args.config), **files,
                      stylegan_discriminator=args.stylegan_discriminator)
   return 0
@@ -155,7 +156,7 @@ def _eval(args) -> int:
   try:
     tool = _photo_tool(args, "anonymize")
     tool.require("recover")
-    summary = report.run(tool, args.data, args.out, limit=args.limit, inception=args.inception,
+    summary = report.run(tool, args.data, args.out, limit=args.limit, fid_bundle=args.fid_bundle,
                          progress=lambda items: tqdm(items, desc="eval", unit="image",
                                                      file=sys.stderr, disable=None))
   except Exception as e:  # one line unless --debug
@@ -341,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "for a training start (not with --g2face)")
   p.add_argument("--stylegan-discriminator", action="store_true",
                  help="also load the StyleGAN2 discriminator `d` (the official recipe does not)")
+  p.add_argument("--inception", metavar="FILE", help="pytorch-fid's FID InceptionV3 weights "
+                 "(pt_inception-2015-12-05-6726825d.pth), for `g2face eval --fid-bundle`")
   p.add_argument("--config", default="paper", help="model config (default: paper, the official 256)")
   p.add_argument("--out", required=True, help="bundle folder to write (new or empty)")
   p.set_defaults(run=_convert)
@@ -392,9 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
                  "aligned face crop)")
   p.add_argument("--out", required=True, help="report folder")
   p.add_argument("--limit", type=int, help="evaluate at most N images")
-  p.add_argument("--inception", metavar="FILE", help="pytorch-fid's InceptionV3 weights "
-                 "(pt_inception-2015-12-05-6726825d.pth): adds FID of the anonymized and of the "
-                 "recovered faces against the originals")
+  p.add_argument("--fid-bundle", metavar="BUNDLE", help="bundle holding pytorch-fid's "
+                 "InceptionV3 (`g2face convert --inception FILE`): adds FID of the anonymized "
+                 "and of the recovered faces against the originals")
   _photo_arguments(p, inputs=False)
   p.add_argument("--codec", choices=("secure", "official"), default="secure",
                  help="payload code (default: secure)")
@@ -431,7 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("train", help="train G2Face (the official recipe) with checkpoints, metrics "
                      "and sample grids in --workdir; resumes from its newest checkpoint")
   p.add_argument("--config", default="configs/g2face.py:smoke",
-                 help="config spec FILE.py:VARIANT[,key=value...] (default: the CPU smoke run)")
+                 help="config spec FILE.py:VARIANT[,key=value...] (default: the CPU smoke run); "
+                 "pretrained.bundle=FOLDER takes the frozen networks, the BFM and the start "
+                 "from a `g2face convert` bundle")
   p.add_argument("--workdir", required=True, help="folder for checkpoints, metrics and samples")
   _compile_cache_argument(p)
   p.add_argument("--distributed", action="store_true",

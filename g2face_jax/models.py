@@ -1,7 +1,8 @@
 """Networks built from a config's `model` section (the one place that reads it)."""
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -59,6 +60,41 @@ def build_lpips(model: ml_collections.ConfigDict) -> lpips.LPIPS:
 
 NETWORKS = ("decoder", "discriminator", "style_mapper", "map_2_id", "extractor", "arcface",
             "recon_net", "lpips")
+
+
+# What the inference pipeline runs, and what training adds (the discriminator and LPIPS).
+INFERENCE_NETWORKS = ("decoder", "style_mapper", "map_2_id", "extractor", "arcface", "recon_net")
+TRAINING_NETWORKS = INFERENCE_NETWORKS + ("discriminator", "lpips")
+
+
+@dataclasses.dataclass(frozen=True)
+class Networks:
+  """The Flax modules a config builds, one field per network of NETWORKS; a field is None
+  when the network was not built (the pipeline builds INFERENCE_NETWORKS, training
+  TRAINING_NETWORKS). Hashable: a static argument of jitted functions."""
+  decoder: Any = None
+  style_mapper: Any = None
+  map_2_id: Any = None
+  extractor: Any = None
+  arcface: Any = None
+  recon_net: Any = None
+  discriminator: Any = None
+  lpips: Any = None
+
+  @classmethod
+  def from_config(cls, model: ml_collections.ConfigDict,
+                  names: Sequence[str] = INFERENCE_NETWORKS) -> "Networks":
+    """The named networks of `model` (default: the inference pipeline's)."""
+    return cls(**{name: build(model, name) for name in names})
+
+  @property
+  def names(self) -> tuple[str, ...]:
+    """The networks built, in field order."""
+    return tuple(f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None)
+
+  def map(self, fn: Callable[[Any], Any]) -> "Networks":
+    """`fn` applied to every built network (None fields stay None)."""
+    return dataclasses.replace(self, **{name: fn(getattr(self, name)) for name in self.names})
 
 
 def build(model: ml_collections.ConfigDict, name: str):

@@ -53,30 +53,16 @@ import functools
 from typing import Mapping, Sequence
 
 import jax
-import ml_collections
 
 from g2face_jax import models, payload
-from g2face_jax.nn import arcface, decoder, extractor, face3d, mapping
+from g2face_jax.nn import face3d
 
 Variables = Mapping[str, Mapping]
 
 
-@dataclasses.dataclass(frozen=True)
-class Networks:
-  """The modules the pipeline runs (hashable: a static argument of the jitted paths)."""
-  decoder: decoder.Decoder
-  style_mapper: mapping.StyleMapper
-  map_2_id: mapping.Map2ID
-  extractor: extractor.PasswordExtractor
-  arcface: arcface.IResNet
-  recon_net: face3d.ReconNet
-
-  @classmethod
-  def from_config(cls, model: ml_collections.ConfigDict) -> "Networks":
-    return cls(**{f.name: models.build(model, f.name) for f in dataclasses.fields(cls)})
-
-
-NETWORKS = tuple(f.name for f in dataclasses.fields(Networks))
+# The modules the pipeline runs: `models.Networks` built with these (its default).
+Networks = models.Networks
+NETWORKS = models.INFERENCE_NETWORKS
 DTYPES = ("float32", "bfloat16")
 
 

@@ -1,5 +1,6 @@
 """FID: the Flax FID InceptionV3 + converter against a PyTorch reference network,
-the Frechet distance against closed forms, and the converter's one-line errors.
+the network through a bundle (`g2face convert --inception`, `g2face eval
+--fid-bundle`), the Frechet distance against closed forms, and the one-line errors.
 
 The reference is written here with torch.nn layers from the published facts of
 pytorch-fid 0.3.0's `InceptionV3([3], resize_input=True, normalize_input=True,
@@ -10,6 +11,7 @@ no CPU build of torchvision matching torch 2.13.0 installs here.
 """
 import json
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from g2face_jax import cli, keys, photo
+from g2face_jax import bundle, cli, keys, photo
 from g2face_jax.convert import inception as convert_inception
 from g2face_jax.convert.table import ConversionError
 from g2face_jax.eval import fid, report
@@ -183,6 +185,13 @@ def weights_file(reference, tmp_path_factory):
   return path
 
 
+@pytest.fixture(scope="module")
+def fid_bundle(weights_file, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("fid_bundle") / "fid")
+  assert cli.main(["convert", "--inception", str(weights_file), "--out", out]) == 0
+  return out
+
+
 def relative_error(a, b):
   return float(np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b))
 
@@ -209,6 +218,16 @@ def test_network_and_converter_match_the_reference(reference, weights_file):
   # the reference by 1e-5 against float64 at this size (3e-4 at 75x75), so 1e-4 is not loose
   assert relative_error(ours, ref) <= 1e-4
   assert relative_error(features(uint8), ref_uint8) <= 1e-4
+
+
+def test_the_bundle_holds_the_converted_network(weights_file, fid_bundle):
+  """`g2face eval --fid-bundle` reads exactly the variables the parity test above checks."""
+  direct = convert_inception.load(weights_file)
+  assert bundle.load(fid_bundle).manifest["networks"] == ["inception"]
+  stored = fid.features_from_bundle(fid_bundle).variables
+  assert jax.tree.structure(stored) == jax.tree.structure(direct)
+  for a, b in zip(jax.tree.leaves(stored), jax.tree.leaves(direct)):
+    np.testing.assert_array_equal(a, b)
 
 
 def numpy_state_dict(net):
@@ -289,9 +308,10 @@ def test_fid_needs_two_images_and_matching_dimensions():
 class ColourStatistics:
   """Stand-in for the network in the report tests (its parity is tested above): per-image
   channel means and standard deviations, (N, 6). Takes the converted variables like
-  `fid.InceptionFeatures`, so the weights file is still read and converted."""
+  `fid.InceptionFeatures`, so the bundle's network is still read."""
 
-  def __init__(self, variables):
+  def __init__(self, variables, batch_size=None):
+    del batch_size
     assert "Mixed_7c" in variables["params"]
 
   def __call__(self, images):
@@ -309,12 +329,12 @@ def arcface_like(tmp_path):
 
 @pytest.mark.slow  # a cold evaluation of 2 images: ~1 min on 2 busy cores
 def test_eval_reports_fid_of_anonymized_and_recovered(monkeypatch, tmp_path, faces_dir, eval_bundle,
-                                                      key_file, weights_file):
+                                                      key_file, fid_bundle):
   monkeypatch.setattr(fid, "InceptionFeatures", ColourStatistics)
   out = tmp_path / "report"
   code = cli.main(["eval", "--data", f"{faces_dir}/face0.png", f"{faces_dir}/face1.png",
                    "--bundle", eval_bundle, "--key", key_file, "--out", str(out),
-                   "--codec", "official", "--inception", str(weights_file)])
+                   "--codec", "official", "--fid-bundle", fid_bundle])
   assert code == 0
   summary = json.loads((out / "metrics.json").read_text())
   assert summary["images"] == 2 and summary["fid"].startswith("InceptionV3 pool3 features of 2 images")
@@ -329,8 +349,9 @@ def test_evaluation_summary_gives_fid_figures_or_says_why_not(eval_bundle, key_f
   without = report.Evaluation(tool, keys.generate(), keys.generate())
   without.add_fid_images(*[np.zeros((32, 32, 3), np.uint8)] * 3)
   summary = without.summary()
-  assert summary["fid"] == ("skipped: pass --inception pt_inception-2015-12-05-6726825d.pth "
-                            "to compute FID") and "fid_anonymized" not in summary
+  assert summary["fid"] == ("skipped: pass --fid-bundle, a bundle of `g2face convert --inception "
+                            "pt_inception-2015-12-05-6726825d.pth`, to compute FID")
+  assert "fid_anonymized" not in summary
   assert f"FID: {summary['fid']}" in report.markdown(summary, "t")
 
   stats = ColourStatistics({"params": {"Mixed_7c": 0}})
@@ -348,10 +369,20 @@ def test_evaluation_summary_gives_fid_figures_or_says_why_not(eval_bundle, key_f
   assert "| FID recovered vs orig |" in table
 
 
-def test_eval_names_a_wrong_inception_file_in_one_line(capsys, tmp_path, faces_dir, eval_bundle,
-                                                       key_file, arcface_like):
+def test_eval_names_a_bundle_without_the_network_in_one_line(capsys, tmp_path, faces_dir,
+                                                            eval_bundle, key_file):
   code = cli.main(["eval", "--data", faces_dir, "--bundle", eval_bundle, "--key", key_file,
-                   "--out", str(tmp_path / "report"), "--inception", str(arcface_like)])
+                   "--out", str(tmp_path / "report"), "--fid-bundle", eval_bundle])
   err = capsys.readouterr().err.strip()
   assert code == 2 and "\n" not in err
-  assert err.startswith(f"g2face eval: error: {arcface_like}: expected the FID InceptionV3 state dict")
+  assert err.startswith(f"g2face eval: error: {eval_bundle}: bundle has no inception, needed to "
+                        "compute FID (inception comes from `g2face convert --inception")
+
+
+def test_convert_names_a_wrong_inception_file_in_one_line(capsys, tmp_path, arcface_like):
+  code = cli.main(["convert", "--inception", str(arcface_like), "--out", str(tmp_path / "fid")])
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and "\n" not in err
+  assert err.startswith(f"g2face convert: error: {arcface_like}: expected the FID InceptionV3 "
+                        "state dict")
+  assert not (tmp_path / "fid").exists()

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from g2face_jax import models
 from g2face_jax.train import precision
-from g2face_jax.train import step as step_lib
 from test_train_sharding import _run
 
 
@@ -18,7 +18,7 @@ def _extractor_loss(module, variables, x):
 
 
 def test_bfloat16_compute_keeps_float32_state(tiny_config):
-  nets = step_lib.Networks.from_config(tiny_config.model)
+  nets = models.Networks.from_config(tiny_config.model, models.TRAINING_NETWORKS)
   mixed = precision.compute_in(nets, "bfloat16")
   s = tiny_config.model.size
   x = jax.random.uniform(jax.random.key(1), (2, s, s, 3), jnp.float32, -1.0, 1.0)

@@ -6,11 +6,10 @@ import pytest
 
 from g2face_jax import models
 from g2face_jax.train import remat as remat_lib
-from g2face_jax.train import step as step_lib
 
 
 def test_remat_keeps_the_variables(tiny_config):
-  nets = step_lib.Networks.from_config(tiny_config.model)
+  nets = models.Networks.from_config(tiny_config.model, models.TRAINING_NETWORKS)
   rematted = remat_lib.remat_networks(nets, "full")
   for name in ("decoder", "extractor", "discriminator"):
     inputs = models.example_inputs(tiny_config.model, name)
@@ -32,9 +31,9 @@ def test_remat_keeps_the_variables(tiny_config):
 def test_remat_gives_the_same_loss_and_gradients(tiny_config, policy):
   """Train-mode extractor (BatchNorm statistics): loss, gradients and new statistics
   of the rematerialised network equal the plain network's."""
-  plain = step_lib.Networks.from_config(tiny_config.model).extractor
-  rematted = remat_lib.remat_networks(step_lib.Networks.from_config(tiny_config.model),
-                                      policy).extractor
+  nets = models.Networks.from_config(tiny_config.model, models.TRAINING_NETWORKS)
+  plain = nets.extractor
+  rematted = remat_lib.remat_networks(nets, policy).extractor
   s = tiny_config.model.size
   x = jax.random.uniform(jax.random.key(1), (2, s, s, 3), jnp.float32, -1.0, 1.0)
   variables = plain.init(jax.random.key(0), x, train=True)

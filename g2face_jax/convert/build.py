@@ -10,6 +10,7 @@ import ml_collections
 from g2face_jax import bundle, models
 from g2face_jax.convert import bfm as convert_bfm
 from g2face_jax.convert import checkpoint_io, sources
+from g2face_jax.convert import inception as convert_inception
 from g2face_jax.convert.table import ConversionError
 
 
@@ -17,13 +18,18 @@ def build_bundle(out_dir: str, config: ml_collections.ConfigDict, *, g2face: str
                  arcface: str | None = None, d3dfr: str | None = None, bfm: str | None = None,
                  lpips_vgg16: str | None = None, lpips_heads: str | None = None,
                  stylegan: str | None = None, stylegan_discriminator: bool = False,
-                 seed: int = 0, report: Callable[[str], None] = print) -> str:
+                 inception: str | None = None, seed: int = 0,
+                 report: Callable[[str], None] = print) -> str:
   """Convert every given file and write one bundle; returns its path.
 
   Any subset may be given. `stylegan` (rosinality 550000.pt) starts a training
   run: its `g_ema` synthesis layers go into a freshly initialised decoder
-  (seeded by `seed`), and with `stylegan_discriminator` its `d` becomes the
+  (seeded by `seed`; a training run keeps only the synthesis layers, see
+  `train.pretrained`), and with `stylegan_discriminator` its `d` becomes the
   discriminator; it cannot be combined with `g2face`, whose decoder is trained.
+  A training start needs stylegan, arcface, d3dfr, lpips_vgg16 + lpips_heads and bfm.
+  `inception` (pytorch-fid's FID InceptionV3) is stored as network 'inception'
+  for `g2face eval --fid-bundle`; it does not depend on the model config.
   """
   model = config.model
   if stylegan and g2face:
@@ -33,7 +39,7 @@ def build_bundle(out_dir: str, config: ml_collections.ConfigDict, *, g2face: str
     raise ConversionError("LPIPS needs both --lpips-vgg16 and --lpips-heads")
   given = {k: p for k, p in dict(g2face=g2face, arcface=arcface, d3dfr=d3dfr, bfm=bfm,
                                  lpips_vgg16=lpips_vgg16, lpips_heads=lpips_heads,
-                                 stylegan=stylegan).items() if p}
+                                 stylegan=stylegan, inception=inception).items() if p}
   for path in given.values():
     if not os.path.isfile(path):
       raise FileNotFoundError(f"{path}: file not found")
@@ -56,6 +62,8 @@ def build_bundle(out_dir: str, config: ml_collections.ConfigDict, *, g2face: str
     start = models.init_variables(model, jax.random.key(seed), ["decoder"])["decoder"]
     variables.update(sources.convert_stylegan2(read("stylegan"), model, start,
                                                stylegan_discriminator, stylegan))
+  if inception:
+    variables["inception"] = convert_inception.convert_inception(read("inception"), inception)
   face_model = None
   if bfm:
     report(f"reading {bfm}")

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
+from g2face_jax import bundle
 from g2face_jax.nn import inception
 
 BATCH_SIZE = 16
@@ -91,3 +92,11 @@ class InceptionFeatures:
       padded = np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], np.float32)])
       out.append(np.asarray(self._apply(self.variables, jnp.asarray(padded)))[:len(batch)])
     return np.concatenate(out) if out else np.zeros((0, inception.FEATURES), np.float32)
+
+
+def features_from_bundle(path: str, batch_size: int = BATCH_SIZE) -> InceptionFeatures:
+  """InceptionFeatures of the network 'inception' of a bundle (`g2face convert --inception
+  FILE`); a one-line BundleError when the folder is not a bundle or holds no FID InceptionV3."""
+  b = bundle.load(path)
+  b.require("inception", purpose="compute FID")
+  return InceptionFeatures(b.variables["inception"], batch_size)

@@ -16,7 +16,7 @@ write as uint8, recover), plus the wrong-key recovery. Metrics:
                  identity consistency; under two keys: separation; wrong-key
                  recovery rejected (secure codec) or its identity cosine
   image quality  FID of the anonymized and of the recovered faces against the
-                 originals (pytorch-fid's InceptionV3, when its weights file is given)
+                 originals (pytorch-fid's InceptionV3, from a bundle: `--fid-bundle`)
 Outputs: metrics.json, report.md, grid.png (original | anonymized | recovered | wrong key).
 """
 from __future__ import annotations
@@ -35,7 +35,8 @@ from g2face_jax.nn import bfm as bfm_lib
 from g2face_jax.nn import decoder, face3d
 
 JPEG_QUALITIES = (90, 75)
-FID_SKIPPED = "skipped: pass --inception pt_inception-2015-12-05-6726825d.pth to compute FID"
+FID_SKIPPED = ("skipped: pass --fid-bundle, a bundle of `g2face convert --inception "
+               "pt_inception-2015-12-05-6726825d.pth`, to compute FID")
 FID_SETS = ("original", "anonymized", "recovered")
 
 
@@ -214,16 +215,16 @@ def markdown(summary: dict, title: str) -> str:
 
 def run(tool: photo.Anonymizer, paths: Sequence[str], out_dir: str,
         wrong_key: keys.Key | None = None, limit: int | None = None,
-        progress: Callable[[Iterable], Iterable] = iter, inception: str | None = None) -> dict:
+        progress: Callable[[Iterable], Iterable] = iter, fid_bundle: str | None = None) -> dict:
   """Evaluate every image of `paths` (files or folders) and write the report to out_dir.
 
-  inception: path of pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` to compute FID.
+  fid_bundle: a bundle folder holding the FID InceptionV3 (`g2face convert --inception`)
+  to compute FID.
   """
   files.check_output_folder(out_dir)
   features = None
-  if inception is not None:
-    from g2face_jax.convert import inception as convert_inception  # reads the file with torch
-    features = fid.InceptionFeatures(convert_inception.load(inception))
+  if fid_bundle is not None:
+    features = fid.features_from_bundle(fid_bundle)
   wrong_key = wrong_key or keys.generate()
   evaluation = Evaluation(tool, wrong_key, keys.generate(), inception_features=features)
   items = files.collect_inputs(paths)[:limit]

@@ -163,10 +163,10 @@ def device_grid(devices: list, data: int, fsdp: int, num_slices: int) -> np.ndar
 
 def abstract_frozen(config: ml_collections.ConfigDict) -> dict:
   """ShapeDtypeStructs of the frozen networks and the BFM that `g2face train` would use
-  (the BFM file of `pretrained.bfm`, else the small synthetic stand-in)."""
+  (the BFM of the `pretrained.bundle`, else the small synthetic stand-in)."""
   out = {name: models.abstract_variables(config.model, name) for name in frozen_lib.FROZEN_NETS}
   out["bfm"] = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype),
-                            frozen_lib.load_bfm(config.pretrained))
+                            frozen_lib.bfm_of(config))
   return out
 
 

@@ -116,9 +116,9 @@ def _run(config: str, batch: int, rounds: int, seed: int, dtype: str,
   anonymize = functools.partial(pipeline.official_anonymize, dtype=dtype)
   recover = functools.partial(pipeline.official_recover, dtype=dtype)
   model = config_lib.load(config).model
-  nets = pipeline.Networks.from_config(model)
+  nets = models.Networks.from_config(model)
   keys = jax.random.split(jax.random.key(seed), 4)
-  variables = models.init_variables(model, keys[0], names=pipeline.NETWORKS)
+  variables = models.init_variables(model, keys[0], names=models.INFERENCE_NETWORKS)
   x = jax.random.uniform(keys[1], (batch, model.size, model.size, 3), jnp.float32, -1.0, 1.0)
   z = jax.random.normal(keys[2], (batch, model.identity_dim), jnp.float32)
   noise = [jax.random.normal(k, s, jnp.float32) for k, s in

@@ -110,7 +110,7 @@ def convert_sources(content: dict[str, dict], model) -> dict[str, dict]:
   return variables
 
 
-def with_fixture_batch_stats(nets: pipeline.Networks, variables: dict, folder: str) -> dict:
+def with_fixture_batch_stats(nets: models.Networks, variables: dict, folder: str) -> dict:
   """The BatchNorm running statistics the pipeline fixture was computed with.
 
   The fixture script ran map_2_id and hiding_extractor in training mode on their
@@ -129,11 +129,11 @@ def with_fixture_batch_stats(nets: pipeline.Networks, variables: dict, folder: s
 
 
 @functools.lru_cache(maxsize=2)
-def official_variables(folder: str) -> tuple[pipeline.Networks, dict]:
+def official_variables(folder: str) -> tuple[models.Networks, dict]:
   """The paper-config pipeline networks with the folder's recipe weights (as converted
   from the official files; BatchNorm statistics as stored in the recipe)."""
   model = config_lib.load("paper").model
-  return pipeline.Networks.from_config(model), convert_sources(recipe_sources(folder), model)
+  return models.Networks.from_config(model), convert_sources(recipe_sources(folder), model)
 
 
 def check_style_mlp(folder: str) -> dict[str, float]:
@@ -196,7 +196,7 @@ def pipeline_noise(folder: str) -> list[np.ndarray]:
 DECISIVE_LOGIT = 1e-3  # extracted bits are compared where |official logit| exceeds this
 
 
-def compare_pipeline(nets: pipeline.Networks, variables: dict, folder: str) -> dict[str, float]:
+def compare_pipeline(nets: models.Networks, variables: dict, folder: str) -> dict[str, float]:
   """Errors of every pipeline stage against the folder's pipeline fixture.
 
   `variables` as converted from the official files; the fixture script's

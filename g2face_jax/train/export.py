@@ -1,9 +1,10 @@
 """`g2face export`: the newest checkpoint of a training workdir -> a model bundle.
 
 The bundle holds the trained decoder, style mapper, map_2_id, extractor and
-discriminator, and the frozen networks and BFM the run trained with (converted
-files, or the same random stand-ins for smoke runs), so `g2face anonymize
---bundle OUT` runs the trained model.
+discriminator, and the frozen networks and BFM the run trained with (those of
+its `pretrained.bundle`, whose source files it records, or the same random
+stand-ins for smoke runs), so `g2face anonymize --bundle OUT` runs the trained
+model.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from g2face_jax import bundle
 from g2face_jax import config as config_lib
 from g2face_jax.train import checkpoint as checkpoint_lib
 from g2face_jax.train import frozen as frozen_lib
+from g2face_jax.train import pretrained as pretrained_lib
 from g2face_jax.train import runtime
 from g2face_jax.train import state as state_lib
 
@@ -22,9 +24,17 @@ CONFIG_SPEC = "config_spec.txt"  # the --config string of the run, written by `g
 
 
 def save_config_spec(workdir: str, spec: str) -> None:
+  """Write the run's --config string with its config file and `pretrained.bundle` as
+  absolute paths, so `export` finds them from any folder."""
   path, sep, rest = spec.partition(".py")
   if sep:
     spec = os.path.abspath(path + sep) + rest
+  parts = spec.split(",")
+  for i, part in enumerate(parts):
+    key, eq, value = part.partition("=")
+    if key == "pretrained.bundle" and eq and value:
+      parts[i] = f"{key}={os.path.abspath(value)}"
+  spec = ",".join(parts)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, CONFIG_SPEC), "w", encoding="utf-8") as f:
     f.write(spec + "\n")
@@ -43,7 +53,8 @@ def export(workdir: str, out: str, log=print) -> str:
   config = load_config(workdir)
   config.unlock()
   config.mesh.data, config.mesh.fsdp = 1, 1  # export gathers everything on one device
-  frozen = frozen_lib.frozen_variables(config, config.train.seed + 1)
+  pretrained = pretrained_lib.open_bundle(config)
+  frozen = frozen_lib.frozen_variables(config, config.train.seed + 1, pretrained)
   rt = runtime.create(config, 1, frozen, devices=jax.local_devices()[:1])
   abstract = jax.eval_shape(lambda: runtime.init_state(rt, jax.random.key(0)))
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
@@ -61,7 +72,8 @@ def export(workdir: str, out: str, log=print) -> str:
   variables["discriminator"] = {"params": state.disc_params}
   for name in frozen_lib.FROZEN_NETS:
     variables[name] = jax.device_get(frozen[name])
-  sources = {k: v for k, v in config.pretrained.items() if v}
-  path = bundle.save(out, config, variables, bfm=jax.device_get(frozen["bfm"]), sources=sources)
+  sources = pretrained.manifest.get("sources", {}) if pretrained is not None else {}
+  path = bundle.save(out, config, variables, bfm=jax.device_get(frozen["bfm"]),
+                     recorded_sources=sources)
   log(f"exported step {step} of {workdir} to {path}")
   return path

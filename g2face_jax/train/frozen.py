@@ -1,11 +1,10 @@
 """The frozen networks of training (ArcFace, 3DMM regressor, LPIPS) and the BFM.
 
-Each comes from the file named in the config's `pretrained` section when one
-is given, else from a random initialisation (smoke and test runs: the losses
-run, but identity and geometry then mean nothing). Without a BFM file a small
-random synthetic face model stands in: a bumpy height-field mesh with random
-shape bases, documented as such and only for runs without the real
-`BFM_model_front.mat`.
+They come from the bundle of `pretrained.bundle` (see `pretrained`) when one is
+given, else from a random initialisation (smoke and test runs: the losses run,
+but identity and geometry then mean nothing), with a small random synthetic
+face model for the BFM: a bumpy height-field mesh with random shape bases,
+only for runs without the real `BFM_model_front.mat`.
 """
 from __future__ import annotations
 
@@ -15,10 +14,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from g2face_jax import models
+from g2face_jax import bundle, models
 from g2face_jax.nn.bfm import BFM
-
-FROZEN_NETS = ("arcface", "recon_net", "lpips")
+from g2face_jax.train import pretrained as pretrained_lib
+from g2face_jax.train.pretrained import FROZEN_NETS
 
 
 def synthetic_bfm(seed: int = 0, grid: int = 12) -> BFM:
@@ -48,31 +47,14 @@ def synthetic_bfm(seed: int = 0, grid: int = 12) -> BFM:
              keypoints=rng.choice(n, 68, replace=False).astype(np.int32))
 
 
-def load_bfm(pretrained: ml_collections.ConfigDict) -> BFM:
-  if pretrained.bfm:
-    from g2face_jax.convert import bfm as bfm_convert
-    return bfm_convert.load_mat(pretrained.bfm)
-  logging.warning("no BFM file given (pretrained.bfm): using a small random synthetic BFM")
+def bfm_of(config: ml_collections.ConfigDict, pretrained: bundle.Bundle | None = None) -> BFM:
+  """The BFM of the run: the bundle's (`pretrained`, else opened from the config), or the
+  synthetic stand-in when the config names no bundle."""
+  pretrained = pretrained if pretrained is not None else pretrained_lib.open_bundle(config)
+  if pretrained is not None:
+    return pretrained.bfm
+  logging.warning("no bundle given (pretrained.bundle): using a small random synthetic BFM")
   return synthetic_bfm()
-
-
-def _converted(config: ml_collections.ConfigDict, name: str, variables: dict) -> dict:
-  """Variables of frozen net `name` from its configured file, or `variables` when none."""
-  p = config.pretrained
-  if name == "lpips" and (p.lpips_vgg or p.lpips_heads):
-    if not (p.lpips_vgg and p.lpips_heads):
-      raise ValueError("LPIPS needs both pretrained.lpips_vgg and pretrained.lpips_heads")
-    from g2face_jax.convert import checkpoint_io, sources
-    vgg, heads = (checkpoint_io.load_state_file(f) for f in (p.lpips_vgg, p.lpips_heads))
-    return sources.convert_lpips(vgg, heads, p.lpips_vgg, p.lpips_heads)["lpips"]
-  path = {"arcface": p.arcface, "recon_net": p.recon_net}.get(name, "")
-  if not path:
-    logging.warning("no pretrained weights for frozen network %s: random initialisation", name)
-    return variables
-  from g2face_jax.convert import checkpoint_io, sources
-  content = checkpoint_io.load_state_file(path)
-  convert = {"arcface": sources.convert_arcface, "recon_net": sources.convert_d3dfr}[name]
-  return convert(content, config.model, path)[name]
 
 
 def random_variables(model: ml_collections.ConfigDict, name: str, seed: int) -> dict:
@@ -96,10 +78,19 @@ def random_variables(model: ml_collections.ConfigDict, name: str, seed: int) -> 
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-def frozen_variables(config: ml_collections.ConfigDict, seed: int) -> dict:
-  """{'arcface', 'recon_net', 'lpips': variables, 'bfm': BFM} for the train step
-  (random stand-ins drawn from `seed` for networks without a configured file)."""
-  fresh = {name: random_variables(config.model, name, seed + i) for i, name in enumerate(FROZEN_NETS)}
-  out = {name: _converted(config, name, fresh[name]) for name in FROZEN_NETS}
-  out["bfm"] = load_bfm(config.pretrained)
+def frozen_variables(config: ml_collections.ConfigDict, seed: int,
+                     pretrained: bundle.Bundle | None = None) -> dict:
+  """{'arcface', 'recon_net', 'lpips': variables, 'bfm': BFM} for the train step: the
+  bundle's (`pretrained`, else opened from `config.pretrained.bundle`), or random
+  stand-ins drawn from `seed` and the synthetic BFM when the config names no bundle."""
+  pretrained = pretrained if pretrained is not None else pretrained_lib.open_bundle(config)
+  if pretrained is not None:
+    out = {name: pretrained.variables[name] for name in FROZEN_NETS}
+  else:
+    for name in FROZEN_NETS:
+      logging.warning("no pretrained weights for frozen network %s (pretrained.bundle): "
+                      "random initialisation", name)
+    out = {name: random_variables(config.model, name, seed + i)
+           for i, name in enumerate(FROZEN_NETS)}
+  out["bfm"] = bfm_of(config, pretrained)
   return out

@@ -1,7 +1,8 @@
 """The training job: data, the sharded step, checkpoints, metrics and sample grids.
 
 `train(config, workdir)` runs `config.train.num_steps` iterations (resuming
-from the newest readable checkpoint in workdir/checkpoints), saves on SIGTERM
+from the newest readable checkpoint in workdir/checkpoints, else starting from
+the bundle of `pretrained.bundle` as `pretrained` describes), saves on SIGTERM
 and at the end, and returns a summary (compile time, steps/s, sample bit error
 rate and recovery L1 before and after).
 """
@@ -22,6 +23,7 @@ from g2face_jax.datasets import pipeline, sources, transforms
 from g2face_jax.train import checkpoint as checkpoint_lib
 from g2face_jax.train import frozen as frozen_lib
 from g2face_jax.train import metrics as metrics_lib
+from g2face_jax.train import pretrained as pretrained_lib
 from g2face_jax.train import runtime
 
 CONSOLE_KEYS = ("anon/total", "rec/total", "disc/total", "anon/bit_error_rate", "rec/l1", "lr",
@@ -57,26 +59,14 @@ def _sample_images(rt: runtime.Runtime, source, count: int) -> jax.Array:
   return jax.make_array_from_callback(images.shape, rt.batch_sharding, lambda idx: images[idx])
 
 
-def _load_pretrained_decoder(config, state, rt):
-  path = config.pretrained.stylegan2
-  if not path:
-    return state
-  from g2face_jax.convert import checkpoint_io, sources as convert_sources
-  content = checkpoint_io.load_state_file(path)
-  decoder = jax.device_get(state.params["decoder"])
-  loaded = convert_sources.convert_stylegan2(content, config.model, {"params": decoder},
-                                             source=path)["decoder"]["params"]
-  params = dict(state.params, decoder=jax.device_put(loaded, rt.state_sharding.params["decoder"]))
-  return state.replace(params=params)
-
-
 def train(config: ml_collections.ConfigDict, workdir: str, log=print) -> dict:
   """Run (or resume) training in workdir; returns a summary dict of measured figures."""
   os.makedirs(workdir, exist_ok=True)
   tr = config.train
   source = sources.open_source(config.data.source)
   steps_per_epoch = tr.steps_per_epoch or pipeline.steps_per_epoch(len(source), tr.global_batch)
-  frozen_host = frozen_lib.frozen_variables(config, tr.seed + 1)
+  pretrained = pretrained_lib.open_bundle(config)
+  frozen_host = frozen_lib.frozen_variables(config, tr.seed + 1, pretrained)
   rt = runtime.create(config, steps_per_epoch, frozen_host)
   loader = pipeline.make_loader(config.data, source, config.model.size, tr.global_batch,
                                 jax.process_index(), jax.process_count())
@@ -90,11 +80,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print) -> dict:
   restored = checkpointer.restore(
       checkpoint_lib.abstract_with_shardings(abstract, rt.state_sharding), data_iter)
   if restored is None:
-    state = _load_pretrained_decoder(config, runtime.init_state(rt, jax.random.key(tr.seed)), rt)
-    log("starting from step 0")
+    state = runtime.init_state(rt, jax.random.key(tr.seed))
+    if pretrained is not None and config.pretrained.start:
+      state = pretrained_lib.start_state(state, pretrained, rt.state_sharding)
+      log(f"starting from step 0 with {pretrained_lib.describe_start(pretrained)}")
+    else:
+      log("starting from step 0 with a freshly initialised generator")
   else:
     state, step = restored
     log(f"resumed from the checkpoint of step {step}")
+  del pretrained  # its frozen networks stay in frozen_host
   frozen = runtime.place_frozen(rt, frozen_host)
   samples = _sample_images(rt, source, config.log.samples)
   sample_rng = jax.random.key(tr.seed + 2)

@@ -15,8 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from g2face_jax import pipeline
-from g2face_jax.train import step as step_lib
+from g2face_jax import models, pipeline
 
 
 def _cast(tree: Any, dtype) -> Any:
@@ -43,11 +42,10 @@ class ComputeIn:
                  jnp.float32)
 
 
-def compute_in(nets: step_lib.Networks, dtype: str) -> step_lib.Networks:
+def compute_in(nets: models.Networks, dtype: str) -> models.Networks:
   """Every network of `nets` computing in `dtype` ('float32' returns `nets` itself)."""
   if dtype not in pipeline.DTYPES:
     raise ValueError(f"unknown compute dtype '{dtype}' ({', '.join(pipeline.DTYPES)})")
   if dtype == "float32":
     return nets
-  return step_lib.Networks(**{f.name: ComputeIn(getattr(nets, f.name), jnp.dtype(dtype))
-                              for f in dataclasses.fields(nets)})
+  return nets.map(lambda module: ComputeIn(module, jnp.dtype(dtype)))

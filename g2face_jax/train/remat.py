@@ -8,12 +8,12 @@ import inspect
 import flax.linen as nn
 import jax
 
-from g2face_jax.train import step as step_lib
+from g2face_jax import models
 
 POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
-def remat_networks(nets: step_lib.Networks, policy: str) -> step_lib.Networks:
+def remat_networks(nets: models.Networks, policy: str) -> models.Networks:
   """Every network's forward rematerialised in the backward pass ('full': keep only each
   network's inputs; else the named `jax.checkpoint_policies` policy). Same variables,
   same results; 'none' returns `nets` itself."""
@@ -36,5 +36,4 @@ def remat_networks(nets: step_lib.Networks, policy: str) -> step_lib.Networks:
 
     return TrainPositional(**fields)
 
-  return step_lib.Networks(**{f.name: wrap(getattr(nets, f.name))
-                              for f in dataclasses.fields(nets)})
+  return nets.map(wrap)

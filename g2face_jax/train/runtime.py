@@ -15,6 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from g2face_jax import models
 from g2face_jax.train import precision
 from g2face_jax.train import remat as remat_lib
 from g2face_jax.train import sharding
@@ -26,7 +27,7 @@ from g2face_jax.train import step as step_lib
 class Runtime:
   config: ml_collections.ConfigDict
   mesh: jax.sharding.Mesh
-  nets: step_lib.Networks
+  nets: models.Networks
   settings: step_lib.Settings
   state_sharding: Any
   frozen_sharding: Any
@@ -54,7 +55,7 @@ def create(config: ml_collections.ConfigDict, steps_per_epoch: int, frozen: dict
   if config.train.global_batch % mesh.size:
     raise ValueError(f"global_batch {config.train.global_batch} is not a multiple of the "
                      f"{mesh.size} devices")
-  nets = step_lib.Networks.from_config(config.model)
+  nets = models.Networks.from_config(config.model, models.TRAINING_NETWORKS)
   settings = step_lib.Settings.from_config(config, steps_per_epoch)
   abstract_state = jax.eval_shape(functools.partial(state_lib.init_state, config),
                                   jax.random.key(0))

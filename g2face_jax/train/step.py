@@ -1,7 +1,8 @@
 """The pure training iteration of the official recipe: anonymize update, recover
 update, discriminator update (R1 every `r1_every` iterations).
 
-`train_step(nets, settings, state, frozen, images)` is a pure function of arrays
+`train_step(nets, settings, state, frozen, images)` (nets: `models.Networks` built
+with TRAINING_NETWORKS) is a pure function of arrays
 (jit it with `sharding.py`'s shardings and donate `state`). Iteration t =
 state.step + 1 (1-based, as the official counter) draws all its randomness from
 fold_in(state.rng, t), so a resumed run replays the same numbers.
@@ -15,7 +16,7 @@ the device count; the per-group running BatchNorm statistics are averaged
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,23 +28,6 @@ from g2face_jax.nn import decoder as decoder_lib
 from g2face_jax.nn import face3d
 from g2face_jax.train import losses
 from g2face_jax.train import state as state_lib
-
-
-@dataclasses.dataclass(frozen=True)
-class Networks:
-  """The Flax modules of training (hashable, static under jit)."""
-  decoder: Any
-  style_mapper: Any
-  map_2_id: Any
-  extractor: Any
-  discriminator: Any
-  arcface: Any
-  recon_net: Any
-  lpips: Any
-
-  @classmethod
-  def from_config(cls, model: ml_collections.ConfigDict) -> "Networks":
-    return cls(**{f.name: models.build(model, f.name) for f in dataclasses.fields(cls)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,8 +103,8 @@ def _bit_error_rate(logits, bits):
   return jnp.mean((payload.bits_from_logits(logits) != bits).astype(jnp.float32))
 
 
-def train_step(nets: Networks, settings: Settings, state: state_lib.TrainState, frozen: dict,
-               images: jax.Array) -> tuple[state_lib.TrainState, dict]:
+def train_step(nets: models.Networks, settings: Settings, state: state_lib.TrainState,
+               frozen: dict, images: jax.Array) -> tuple[state_lib.TrainState, dict]:
   """One official iteration on images (B, S, S, 3) in [-1, 1]. Returns (new state, metrics)."""
   tr, w = settings.train, settings.loss
   group = tr.replica_batch
@@ -237,8 +221,8 @@ def train_step(nets: Networks, settings: Settings, state: state_lib.TrainState, 
   return new_state, metrics
 
 
-def sample_step(nets: Networks, state: state_lib.TrainState, frozen: dict, images: jax.Array,
-                rng: jax.Array) -> dict:
+def sample_step(nets: models.Networks, state: state_lib.TrainState, frozen: dict,
+                images: jax.Array, rng: jax.Array) -> dict:
   """Inference-mode anonymize + recover of images, as the official test: hidden bits =
   the image's ArcFace identity, eval-mode BatchNorm. Returns anon, recovered (unclipped),
   bit_error_rate and recovery l1 (scalars)."""
