@@ -30,20 +30,28 @@ from typing import Iterable, Sequence
 PATHS = ("anonymize", "recover")
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 
-# Run inside the child: the tree's own bench, one record per batch size.
+# Run inside the child: the tree's own bench, one record per batch size. An editable
+# install of another tree adds an import finder that would serve submodules the tree
+# lacks (g2face_jax.tools in an older tree) from that other tree: it is removed, and
+# every g2face_jax module must come from the tree.
 _CHILD = r"""
-import json, sys
+import json, os, sys
+sys.meta_path[:] = [f for f in sys.meta_path
+                    if not str(getattr(f, "__module__", "")).startswith("__editable__")]
+tree = os.getcwd()
 import g2face_jax
-try:
+if os.path.isfile(os.path.join(tree, "g2face_jax", "tools", "bench.py")):
   from g2face_jax.tools import bench
-except ImportError:
+else:
   from g2face_jax import bench
 spec = json.loads(sys.argv[1])
 records = []
 for batch in spec.pop("batches"):
-  record = bench.run(batch=batch, **spec)
-  record["package_file"] = g2face_jax.__file__
-  records.append(record)
+  records.append(bench.run(batch=batch, **spec))
+files = [getattr(m, "__file__", None) or "" for name, m in list(sys.modules.items())
+         if name == "g2face_jax" or name.startswith("g2face_jax.")]
+for r in records:
+  r["package_files"] = files
 print(json.dumps(records))
 """
 
@@ -118,9 +126,11 @@ def run_tree(tree: str, args: argparse.Namespace) -> list[dict]:
     raise SystemExit(f"{tree}: bench failed: {last}")
   records = json.loads(done.stdout.strip().splitlines()[-1])
   for r in records:
-    if not os.path.abspath(r["package_file"]).startswith(tree + os.sep):
-      raise SystemExit(f"{tree}: the bench imported g2face_jax from {r['package_file']}, "
-                       "not from this tree (an installed copy shadows PYTHONPATH)")
+    foreign = [f for f in r.pop("package_files") if f and not os.path.abspath(f).startswith(
+        tree + os.sep)]
+    if foreign:
+      raise SystemExit(f"{tree}: the bench imported {foreign[0]}, which is not in this tree "
+                       "(an installed copy shadows PYTHONPATH)")
   return records
 
 

@@ -27,10 +27,11 @@ compare_trees = _load("compare_trees")
 official_compare = _load("official_compare")
 
 
-def _tree(tmp_path, name, anonymize_s, recover_s):
-  """A fake source tree whose bench returns fixed per-face seconds."""
-  tools = tmp_path / name / "g2face_jax" / "tools"
-  tools.mkdir(parents=True)
+def _tree(tmp_path, name, anonymize_s, recover_s, old_layout=False):
+  """A fake source tree whose bench returns fixed per-face seconds; `old_layout`:
+  g2face_jax/bench.py, as before tools/ existed."""
+  tools = tmp_path / name / "g2face_jax" / ("" if old_layout else "tools")
+  tools.mkdir(parents=True, exist_ok=True)
   (tmp_path / name / "g2face_jax" / "__init__.py").write_text("")
   (tools / "__init__.py").write_text("")
   (tools / "bench.py").write_text(textwrap.dedent(f"""
@@ -94,7 +95,10 @@ def test_compare_trees_summary_math():
 
 
 def test_compare_trees_runs_each_tree_in_its_own_process(tmp_path, capsys):
-  old, new = _tree(tmp_path, "old", 2.0, 3.0), _tree(tmp_path, "new", 1.0, 1.5)
+  # The old tree has no g2face_jax/tools/: its own bench.py must run, not the installed
+  # package's tools.bench (which an editable install would otherwise serve).
+  old = _tree(tmp_path, "old", 2.0, 3.0, old_layout=True)
+  new = _tree(tmp_path, "new", 1.0, 1.5)
   assert compare_trees.main([old, new, "--batch", "1,2", "--pairs", "2", "--json"]) == 0
   out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   rows = {(r["batch"], r["path"]): r for r in out["rows"]}
