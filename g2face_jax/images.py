@@ -8,9 +8,10 @@ Reading (`read` a file, `decode` bytes, `from_array` an array) gives (H, W, 3)
 uint8 RGB: EXIF orientation applied; the first frame of a multi-frame file;
 palette, greyscale, bilevel, CMYK (through its embedded ICC profile when it has
 one) and YCbCr converted to RGB; alpha dropped, as the official data loader's
-`convert("RGB")` does; 16-bit samples (greyscale or RGB PNG, TIFF) reduced to
-their high byte. Floating-point images are refused (no known range). Metadata
-is not kept. Failures are `ImageError`, one line naming the file.
+`convert("RGB")` does; 16-bit samples (greyscale or RGB PNG, TIFF; 32-bit
+integer greyscale is taken as 16-bit) reduced to their high byte, as Pillow
+reduces 16-bit RGB. Floating-point images are refused (no known range).
+Metadata is not kept. Failures are `ImageError`, one line naming the file.
 
 `resize` takes a whole image to the model's (S, S): PIL's bilinear filter,
 which widens its footprint when shrinking (antialiased) and is what the
