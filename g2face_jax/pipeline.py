@@ -36,12 +36,12 @@ the jitted program (`jax.lax.map`). Every network runs per sample at test time
 (evaluation-mode BatchNorm, per-sample InstanceNorm), so the results do not
 depend on it (beyond float32 rounding). None means the whole batch on
 accelerators, and on CPU one face per step for the decoder and the extractor
-(the paper decoder's whole batch of 4 in one step ran 1.1 to 1.2x slower per
-face than one face at a time) but up to `SMALL_NETS_CPU_FACES` for ArcFace and
+(whose large maps gain nothing from sharing a step) but up to
+`SMALL_NETS_CPU_FACES` for ArcFace and
 the 3DMM regressor, whose small maps gain from sharing each weight read (see
 there); a value at least the batch size runs it in one step.
 
-Several devices (GPUs of one host, or the CPU split by `cpu_devices.split`)
+Several devices (GPUs of one host, or the CPU split by `tools.cpu_devices.split`)
 share a batch they divide: each runs its share (`data_parallel_devices`,
 `jax.shard_map`), looping over it per `micro_batch`. A mesh set by the caller
 (`jax.set_mesh`, inside `shard_map`) turns this off.
@@ -90,11 +90,7 @@ def float32_matmuls(fn):
 
 
 # ArcFace (112x112 in) and the 3DMM regressor (224x224 in) run on small maps,
-# where faces that share a step share each weight read: with the weights
-# hoisted (paper config, 2 AVX-512 cores, batch 4), the analyze stage took 0.114
-# s per face at 4 faces per step and 0.120 at 2, against 0.144 at 1 (best of 12,
-# calls alternated; medians 0.142 / 0.137 / 0.168). The decoder and the extractor
-# did not gain (extractor 0.160 / 0.157 / 0.161 s).
+# where faces that share a step share each weight read (docs/benchmarks.md).
 SMALL_NETS_CPU_FACES = 4
 
 
