@@ -269,9 +269,9 @@ def _compile(args) -> int:
 def _matmul_precision_argument(p) -> None:
   p.add_argument("--matmul-precision", choices=("float32", "tensorfloat32"), default="float32",
                  help="float32 matmuls and convolutions (default: the official outputs) or "
-                 "tensorfloat32: TF32 tensor cores on GPUs that have them, 2.6 to 2.8x "
-                 "faster on an H200 at batch 1 and networks 5e-4 to 4e-3 off the official "
-                 "outputs; CPUs compute float32 either way")
+                 "tensorfloat32: TF32 tensor cores on GPUs that have them, faster and "
+                 "slightly off the official outputs (docs/benchmarks.md); CPUs compute "
+                 "float32 either way")
 
 
 def _photo_arguments(p, inputs: bool = True) -> None:
