@@ -40,7 +40,7 @@ def _convert(args) -> int:
 
 
 def _keygen(args) -> int:
-  from g2face_jax import keys
+  from g2face_jax.privacy import keys
   passphrase = keys.ask_new_passphrase() if args.passphrase else None
   keys.write_key_file(args.out, passphrase=passphrase)
   kind = "passphrase (scrypt)" if passphrase else "random 256-bit"
@@ -50,7 +50,8 @@ def _keygen(args) -> int:
 
 
 def _photo_tool(args, operation: str):
-  from g2face_jax import keys, photo
+  from g2face_jax import photo
+  from g2face_jax.privacy import keys
   _use_compile_cache(args)
   tool = photo.Anonymizer(args.bundle, keys.load(args.key),
                           identity=getattr(args, "identity", "consistent"),

@@ -36,9 +36,9 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from g2face_jax import bundle as bundle_lib
-from g2face_jax import faces, images, keys, payload, pipeline
-from g2face_jax import secure_payload
+from g2face_jax import bundle as bundle_lib, models
+from g2face_jax import faces, images, payload, pipeline
+from g2face_jax.privacy import keys, secure_payload
 from g2face_jax.nn import decoder
 
 IDENTITY_MODES = ("consistent", "random")
@@ -120,7 +120,7 @@ def read_stamp(path: str) -> Stamp | None:
 
 @functools.partial(jax.jit, static_argnums=0)
 @pipeline.float32_matmuls
-def _arcface(nets: pipeline.Networks, variables, x):
+def _arcface(nets: models.Networks, variables, x):
   """x (B,S,S,3) in [-1,1] -> (B,512) ArcFace identities (only; no 3DMM)."""
   return nets.arcface.apply(variables["arcface"], x)
 
@@ -147,7 +147,7 @@ class Anonymizer:
     self.key, self.identity, self.codec, self.layout = key, identity, codec, layout
     self.min_face = min_face
     self.size = int(self.bundle.config.model.size)
-    self.nets = pipeline.Networks.from_config(self.bundle.config.model)
+    self.nets = models.Networks.from_config(self.bundle.config.model)
     self._variables = None
     self._stages = None
 
@@ -163,7 +163,7 @@ class Anonymizer:
   def variables(self):
     """The bundle's pipeline variables, on the default device."""
     if self._variables is None:
-      present = [n for n in pipeline.NETWORKS if n in self.bundle.variables]
+      present = [n for n in models.INFERENCE_NETWORKS if n in self.bundle.variables]
       self._variables = {n: jax.device_put(self.bundle.variables[n]) for n in present}
     return self._variables
 

@@ -60,13 +60,10 @@ from g2face_jax.nn import face3d
 Variables = Mapping[str, Mapping]
 
 
-# The modules the pipeline runs: `models.Networks` built with these (its default).
-Networks = models.Networks
-NETWORKS = models.INFERENCE_NETWORKS
 DTYPES = ("float32", "bfloat16")
 
 
-def in_dtype(nets: Networks, dtype: str) -> Networks:
+def in_dtype(nets: models.Networks, dtype: str) -> models.Networks:
   """`nets` with the decoder and extractor computing in `dtype` (one of DTYPES);
   'float32' returns `nets` itself."""
   if dtype not in DTYPES:
@@ -151,12 +148,12 @@ def _per_sample(fn, micro_batch: int | None, *args, cpu_faces: int = 1):
   return jax.shard_map(loop, mesh=mesh, in_specs=batch, out_specs=batch)(*args)
 
 
-def _coefficients(nets: Networks, variables: Variables, x: jax.Array) -> jax.Array:
+def _coefficients(nets: models.Networks, variables: Variables, x: jax.Array) -> jax.Array:
   """x (B,S,S,3) in [-1,1] -> (B,257) 3DMM coefficients."""
   return nets.recon_net.apply(variables["recon_net"], (x + 1) / 2)
 
 
-def _styles(nets: Networks, variables: Variables, identity: jax.Array,
+def _styles(nets: models.Networks, variables: Variables, identity: jax.Array,
             coeff: jax.Array) -> jax.Array:
   return nets.style_mapper.apply(variables["style_mapper"], identity,
                                  face3d.geometry_input(coeff))
@@ -164,7 +161,7 @@ def _styles(nets: Networks, variables: Variables, identity: jax.Array,
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames="micro_batch")
 @float32_matmuls
-def analyze(nets: Networks, variables: Variables, x: jax.Array,
+def analyze(nets: models.Networks, variables: Variables, x: jax.Array,
             micro_batch: int | None = None) -> dict[str, jax.Array]:
   """x (B,S,S,3) in [-1,1] -> arc_id (B,512) ArcFace identity, coeff (B,257) 3DMM coefficients."""
   def body(x):
@@ -175,9 +172,9 @@ def analyze(nets: Networks, variables: Variables, x: jax.Array,
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("dtype", "micro_batch"))
 @float32_matmuls
-def anonymize(nets: Networks, variables: Variables, x: jax.Array, coeff: jax.Array, z: jax.Array,
-              hide_bits: jax.Array, noise: Sequence[jax.Array], dtype: str = "float32",
-              micro_batch: int | None = None) -> dict[str, jax.Array]:
+def anonymize(nets: models.Networks, variables: Variables, x: jax.Array, coeff: jax.Array,
+              z: jax.Array, hide_bits: jax.Array, noise: Sequence[jax.Array],
+              dtype: str = "float32", micro_batch: int | None = None) -> dict[str, jax.Array]:
   """Decode x towards the virtual identity Map2ID(z) with the bits hidden in it.
 
   x (B,S,S,3) in [-1,1]; coeff (B,257) from `analyze`; z (B,512) dummy-identity
@@ -196,8 +193,9 @@ def anonymize(nets: Networks, variables: Variables, x: jax.Array, coeff: jax.Arr
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("dtype", "micro_batch"))
 @float32_matmuls
-def extract_identity(nets: Networks, variables: Variables, anon: jax.Array,
-                     dtype: str = "float32", micro_batch: int | None = None) -> dict[str, jax.Array]:
+def extract_identity(nets: models.Networks, variables: Variables, anon: jax.Array,
+                     dtype: str = "float32",
+                     micro_batch: int | None = None) -> dict[str, jax.Array]:
   """anon (B,S,S,3) -> logits (B,512,32), bits in {0,1} and the officially decoded identity (B,512)."""
   nets = in_dtype(nets, dtype)
   logits = _per_sample(lambda a: nets.extractor.apply(variables["extractor"], a, train=False),
@@ -208,7 +206,7 @@ def extract_identity(nets: Networks, variables: Variables, anon: jax.Array,
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("dtype", "micro_batch"))
 @float32_matmuls
-def restore(nets: Networks, variables: Variables, anon: jax.Array, identity: jax.Array,
+def restore(nets: models.Networks, variables: Variables, anon: jax.Array, identity: jax.Array,
             hide_bits: jax.Array, noise: Sequence[jax.Array], dtype: str = "float32",
             micro_batch: int | None = None) -> dict[str, jax.Array]:
   """Decoder pass back to `identity` (B,512): coeff_anon (B,257) and recovered (B,S,S,3)."""
@@ -226,7 +224,7 @@ def restore(nets: Networks, variables: Variables, anon: jax.Array, identity: jax
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("dtype", "micro_batch"))
 @float32_matmuls
-def official_anonymize(nets: Networks, variables: Variables, x: jax.Array, z: jax.Array,
+def official_anonymize(nets: models.Networks, variables: Variables, x: jax.Array, z: jax.Array,
                        noise: Sequence[jax.Array], dtype: str = "float32",
                        micro_batch: int | None = None) -> dict[str, jax.Array]:
   """The official test's anonymization, one jitted program: hides the float32 bits of ArcFace(x).
@@ -242,8 +240,8 @@ def official_anonymize(nets: Networks, variables: Variables, x: jax.Array, z: ja
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("dtype", "micro_batch"))
 @float32_matmuls
-def official_recover(nets: Networks, variables: Variables, anon: jax.Array, hide_bits: jax.Array,
-                     noise: Sequence[jax.Array], dtype: str = "float32",
+def official_recover(nets: models.Networks, variables: Variables, anon: jax.Array,
+                     hide_bits: jax.Array, noise: Sequence[jax.Array], dtype: str = "float32",
                      micro_batch: int | None = None) -> dict[str, jax.Array]:
   """The official test's recovery, one jitted program: extract the hidden identity from
   anon and decode back.
@@ -262,7 +260,7 @@ class Stages:
   `micro_batch` fixed for all of them: same arguments and results as the module's
   functions of the same names, less `nets` and `variables`."""
 
-  def __init__(self, nets: Networks, variables: Variables, *, dtype: str = "float32",
+  def __init__(self, nets: models.Networks, variables: Variables, *, dtype: str = "float32",
                micro_batch: int | None = None):
     self.nets, self.variables = nets, variables
     self._typed = dict(dtype=dtype, micro_batch=micro_batch)

@@ -14,7 +14,8 @@ import jax  # noqa: E402
 import numpy as np
 import pytest
 
-from g2face_jax import bundle, config, keys, models, pipeline
+from g2face_jax import bundle, config, models
+from g2face_jax.privacy import keys
 from g2face_jax.nn import decoder
 from g2face_jax.tools.parity import nhwc, rel_err  # noqa: F401  (shared by the tests)
 
@@ -34,7 +35,7 @@ def fixtures_dir():
 def bundle_dir(tmp_path_factory, tiny_config):
   """A bundle of random weights (tiny config) with every pipeline network."""
   path = str(tmp_path_factory.mktemp("bundle") / "random")
-  bundle.save(path, tiny_config, random_variables(tiny_config.model, pipeline.NETWORKS))
+  bundle.save(path, tiny_config, random_variables(tiny_config.model, models.INFERENCE_NETWORKS))
   return path
 
 
@@ -90,8 +91,8 @@ def tiny_config():
 def tiny(tiny_config):
   """The tiny config's networks, random variables and a batch of 2: x, z and noise."""
   model = tiny_config.model
-  nets = pipeline.Networks.from_config(model)
-  variables = random_variables(model, pipeline.NETWORKS)
+  nets = models.Networks.from_config(model)
+  variables = random_variables(model, models.INFERENCE_NETWORKS)
   rng = np.random.default_rng(0)
   x = rng.uniform(-1, 1, (2, model.size, model.size, 3)).astype(np.float32)
   z = rng.standard_normal((2, model.identity_dim)).astype(np.float32)

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from g2face_jax import bundle, cli, faces, files, images, keys, payload, photo, pipeline
-from g2face_jax import secure_payload
+from g2face_jax import bundle, cli, faces, files, images, models, payload, photo, pipeline
+from g2face_jax.privacy import keys, secure_payload
 
 from conftest import random_variables
 
@@ -30,7 +30,7 @@ GROUP = os.path.join(DATA, "group_photo.jpg")
 @pytest.fixture(scope="module")
 def no_extractor_bundle(tmp_path_factory, tiny_config):
   path = str(tmp_path_factory.mktemp("bundle") / "no-extractor")
-  names = [n for n in pipeline.NETWORKS if n != "extractor"]
+  names = [n for n in models.INFERENCE_NETWORKS if n != "extractor"]
   bundle.save(path, tiny_config, random_variables(tiny_config.model, names))
   return path
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from g2face_jax import cli, pipeline
+from g2face_jax import cli, models, pipeline
 from g2face_jax.nn import decoder, lowering, plain, stylegan
 
 from conftest import random_variables
@@ -181,8 +181,8 @@ def test_modulated_conv_bfloat16_close_to_float32(up, k):
 @pytest.fixture(scope="module")
 def tiny_run(tiny_config):
   model = tiny_config.model
-  nets = pipeline.Networks.from_config(model)
-  variables = random_variables(model, pipeline.NETWORKS)
+  nets = models.Networks.from_config(model)
+  variables = random_variables(model, models.INFERENCE_NETWORKS)
   k = jax.random.split(jax.random.key(3), 3)
   x = jax.random.uniform(k[0], (2, model.size, model.size, 3), jnp.float32, -1.0, 1.0)
   z = jax.random.normal(k[1], (2, model.identity_dim))

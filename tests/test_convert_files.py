@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from conftest import FIXTURES
-from g2face_jax import bundle, cli
+from g2face_jax import bundle, cli, models
 from g2face_jax.tools import parity
 from g2face_jax.convert import checkpoint_io, sources
 from g2face_jax.convert.table import ConversionError
@@ -80,11 +80,11 @@ def test_bundle_reproduces_the_official_pipeline_without_torch(official_bundle):
 import json, sys
 import jax
 jax.config.update("jax_default_matmul_precision", "highest")
-from g2face_jax import bundle, pipeline
+from g2face_jax import bundle, models
 from g2face_jax.tools import parity
 b = bundle.load({official_bundle!r})
-b.require(*pipeline.NETWORKS, purpose="run the pipeline")
-errs = parity.compare_pipeline(pipeline.Networks.from_config(b.config.model), b.variables, {FIXTURES!r})
+b.require(*models.INFERENCE_NETWORKS, purpose="run the pipeline")
+errs = parity.compare_pipeline(models.Networks.from_config(b.config.model), b.variables, {FIXTURES!r})
 assert "torch" not in sys.modules, "bundle.load imported torch"
 print(json.dumps(errs))
 """

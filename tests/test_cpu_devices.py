@@ -8,7 +8,7 @@ import sys
 import jax
 import pytest
 
-from g2face_jax import pipeline
+from g2face_jax import models, pipeline
 from g2face_jax.tools import cpu_devices
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -24,13 +24,13 @@ cpu_devices.split(2)
 import jax
 sys.path.insert(0, sys.argv[1])
 from conftest import random_variables
-from g2face_jax import config, pipeline
+from g2face_jax import config, models, pipeline
 from g2face_jax.nn import decoder
 jax.config.update("jax_default_matmul_precision", "highest")
 cfg = config.load("tiny")
 cfg.model.arcface_layers = (1, 1, 1, 1)
-nets = pipeline.Networks.from_config(cfg.model)
-variables = random_variables(cfg.model, pipeline.NETWORKS)
+nets = models.Networks.from_config(cfg.model)
+variables = random_variables(cfg.model, models.INFERENCE_NETWORKS)
 rng = np.random.default_rng(1)
 s = cfg.model.size
 x = rng.uniform(-1, 1, (4, s, s, 3)).astype(np.float32)

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from g2face_jax import bundle, cli, keys, photo, pipeline
+from g2face_jax import bundle, cli, models, photo
+from g2face_jax.privacy import keys
 from g2face_jax.eval import report
 from test_anonymizer import PerfectExtractor
 
@@ -31,7 +32,7 @@ def faces_dir(tmp_path_factory):
 def eval_bundle(tmp_path_factory, tiny_config):
   from g2face_jax.convert import bfm as convert_bfm
   path = str(tmp_path_factory.mktemp("bundle") / "random")
-  bundle.save(path, tiny_config, random_variables(tiny_config.model, pipeline.NETWORKS),
+  bundle.save(path, tiny_config, random_variables(tiny_config.model, models.INFERENCE_NETWORKS),
               bfm=convert_bfm.load_mat(BFM_MAT))
   return path
 

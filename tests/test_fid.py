@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from g2face_jax import bundle, cli, keys, photo
+from g2face_jax import bundle, cli, photo
+from g2face_jax.privacy import keys
 from g2face_jax.convert import inception as convert_inception
 from g2face_jax.convert.table import ConversionError
 from g2face_jax.eval import fid, report

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from g2face_jax import config as config_lib
-from g2face_jax import faces, files, images, keys, photo, pipeline
+from g2face_jax import faces, files, images, photo, pipeline
+from g2face_jax.privacy import keys
 from g2face_jax.datasets import pipeline as data_pipeline
 from g2face_jax.datasets import sources
 from g2face_jax.eval import report

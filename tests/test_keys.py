@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from g2face_jax import keys
+from g2face_jax.privacy import keys
 
 FAST_N = 2 ** 12  # scrypt cost for tests (the default is 2^17)
 

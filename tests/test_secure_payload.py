@@ -6,8 +6,9 @@ import pytest
 import reedsolo
 from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
 
-from g2face_jax import keys, payload
-from g2face_jax import secure_payload as sp
+from g2face_jax import payload
+from g2face_jax.privacy import keys
+from g2face_jax.privacy import secure_payload as sp
 
 KEY = keys.Key(bytes(range(32)))
 

@@ -16,7 +16,8 @@ import jax
 import numpy as np
 import pytest
 
-from g2face_jax import faces, files, images, keys, photo, pipeline
+from g2face_jax import faces, files, images, models, photo, pipeline
+from g2face_jax.privacy import keys
 from g2face_jax import video
 from g2face_jax.video import anonymize as video_anonymize
 from g2face_jax.video import io
@@ -304,7 +305,7 @@ def test_a_cut_video_gives_what_could_be_read(capsys, tmp_path, clip, bundle_dir
 def test_track_identities_are_computed_in_full_float32(tiny_config):
   """A track's ArcFace identity is hidden and turned into z: an official output, so its
   matmuls and convolutions run at 'highest' as the pipeline's (lowered for a GPU here)."""
-  nets = pipeline.Networks.from_config(tiny_config.model)
+  nets = models.Networks.from_config(tiny_config.model)
   variables = random_variables(tiny_config.model, ("arcface",))
   x = np.zeros((1, tiny_config.model.size, tiny_config.model.size, 3), np.float32)
   with jax.default_matmul_precision(None):  # conftest sets 'highest' for the whole run

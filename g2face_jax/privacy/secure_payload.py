@@ -44,7 +44,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
 from scipy import special
 
-from g2face_jax import keys
+from g2face_jax.privacy import keys
 
 FORMAT_VERSION = 1
 IDENTITY_DIM = 512
