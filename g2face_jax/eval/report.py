@@ -29,10 +29,11 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from g2face_jax import faces, files, images, keys, payload, photo, pipeline
+from g2face_jax import faces, files, images, photo
 from g2face_jax.eval import fid, metrics, recognizer
 from g2face_jax.nn import bfm as bfm_lib
-from g2face_jax.nn import decoder, face3d
+from g2face_jax.nn import face3d
+from g2face_jax.privacy import keys
 
 JPEG_QUALITIES = (90, 75)
 FID_SKIPPED = ("skipped: pass --fid-bundle, a bundle of `g2face convert --inception "
@@ -66,6 +67,8 @@ class Evaluation:
                                   codec=tool.codec, layout=tool.layout)
     self.other = photo.Anonymizer(tool.bundle, other_key, identity=tool.identity,
                                   codec=tool.codec, layout=tool.layout)
+    # hides the official float32 bits, for the bit error rates of the channel itself
+    self.official = photo.Anonymizer(tool.bundle, other_key, identity="random", codec="official")
     self.values: dict[str, list[float]] = {}
     self.ids = {"original": [], "anonymized": []}
     self.failures: list[str] = []
@@ -77,22 +80,20 @@ class Evaluation:
     self.values.setdefault(name, []).extend(np.ravel(np.asarray(value, np.float64)).tolist())
 
   def _analyze(self, image: np.ndarray) -> dict:
-    out = pipeline.analyze(self.tool.nets, self.tool.variables, images.to_unit(image)[None])
+    out = self.tool.stages.analyze(images.to_unit(image)[None])
     return {k: np.asarray(v) for k, v in out.items()}
 
-  def _bit_error_rates(self, crop: np.ndarray, arc_id: np.ndarray, coeff: np.ndarray,
-                       context: bytes) -> None:
-    """BER of the official float32 code: hidden bits vs extracted, through storage."""
-    nets, variables = self.tool.nets, self.tool.variables
-    bits = payload.float_to_bits(arc_id)
-    z = keys.random_z(self.tool.key, context)[None]
-    noise = keys.decoder_noise(self.tool.key, context, decoder.noise_shapes(self.tool.size, 1))
-    anon = np.asarray(pipeline.anonymize(nets, variables, crop[None], coeff, z, bits, noise)["anon"])
+  def _bit_error_rates(self, crop: np.ndarray, arc_id: np.ndarray, context: bytes) -> None:
+    """BER of the official float32 code: hidden bits vs extracted, through storage.
+
+    crop (S, S, 3) in [-1, 1]; arc_id (1, 512) its identity; context names the face."""
+    z, bits, noise = self.official.face_code(arc_id[0], context)
+    anon = self.official.anonymize_crops(crop[None], z, bits, noise)
     stored = {"float": anon, "png": images.to_unit(images.to_uint8(anon[0]))[None]}
     for q in JPEG_QUALITIES:
       stored[f"jpeg{q}"] = images.to_unit(_jpeg(images.to_uint8(anon[0]), q))[None]
     for name, image in stored.items():
-      extracted = pipeline.extract_identity(nets, variables, image)["bits"]
+      extracted = self.official.stages.extract_identity(image)["bits"]
       self._add(f"bit_error_rate_{name}", metrics.bit_error_rate(extracted, bits))
 
   def add(self, name: str, image: np.ndarray) -> None:
@@ -123,7 +124,7 @@ class Evaluation:
       self._add("lpips", models.build_lpips(tool.bundle.config.model).apply(
           tool.bundle.variables["lpips"], r, x))
     self._add("id_cosine_recovered", metrics.cosine(orig["arc_id"], self._analyze(recovered)["arc_id"]))
-    self._bit_error_rates(x[0], orig["arc_id"], orig["coeff"], photo.photo_digest(image))
+    self._bit_error_rates(x[0], orig["arc_id"], photo.photo_digest(image))
     self.add_fid_images(image, anon, recovered)
 
     mirrored = np.ascontiguousarray(image[:, ::-1])
