@@ -27,6 +27,8 @@ import subprocess
 import sys
 from typing import Iterable, Sequence
 
+from cli_args import parse_batches, positive_int
+
 PATHS = ("anonymize", "recover")
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 
@@ -54,27 +56,6 @@ for r in records:
   r["package_files"] = files
 print(json.dumps(records))
 """
-
-
-def parse_batches(text: str) -> list[int]:
-  """'1,4' -> [1, 4]."""
-  try:
-    batches = [int(b) for b in text.split(",") if b.strip()]
-  except ValueError:
-    batches = []
-  if not batches or min(batches) < 1:
-    raise argparse.ArgumentTypeError(f"'{text}': expected comma-separated positive integers")
-  return batches
-
-
-def positive_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    value = 0
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"'{text}': expected a positive integer")
-  return value
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -38,6 +38,8 @@ import time
 import types
 from typing import Sequence
 
+from cli_args import parse_batches, positive_int
+
 DEFAULT_FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests",
                                 "fixtures", "official", "official-seed0")
 OFFICIAL_FILES = {
@@ -48,27 +50,6 @@ OFFICIAL_FILES = {
     "model.d3dfr.networks": "model/d3dfr/networks.py",
     "utils.binary_converter": "utils/binary_converter.py",
 }
-
-
-def parse_batches(text: str) -> list[int]:
-  """'1,4' -> [1, 4]."""
-  try:
-    batches = [int(b) for b in text.split(",") if b.strip()]
-  except ValueError:
-    batches = []
-  if not batches or min(batches) < 1:
-    raise argparse.ArgumentTypeError(f"'{text}': expected comma-separated positive integers")
-  return batches
-
-
-def positive_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    value = 0
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"'{text}': expected a positive integer")
-  return value
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
