@@ -95,8 +95,8 @@ def test_prepare_data_round_trips_through_arrayrecord(tmp_path):
   assert len(src) == 12
   folder_src = sources.open_source(str(folder))
   for i in (0, 7, 11):
-    want = transforms.resize(transforms.decode(folder_src[i]), 16)
-    np.testing.assert_array_equal(transforms.resize(transforms.decode(src[i]), 16), want)
+    want = transforms.DecodeResize(16).map(folder_src[i])
+    np.testing.assert_array_equal(transforms.DecodeResize(16).map(src[i]), want)
 
 
 def test_prepare_data_names_a_file_that_is_not_an_image(tmp_path):
@@ -109,7 +109,7 @@ def test_prepare_data_names_a_file_that_is_not_an_image(tmp_path):
 def test_demo_set_is_real_face_crops():
   src = sources.open_source("demo")
   assert len(src) == sources.DEMO_FACES
-  image = transforms.resize(transforms.decode(src[0]), 32)
+  image = transforms.DecodeResize(32).map(src[0])
   assert image.shape == (32, 32, 3) and image.std() > 10
   np.testing.assert_array_equal(image[..., 0], image[..., 2])  # grey faces as RGB
   assert pipeline.steps_per_epoch(len(src), 4) == 25

@@ -21,16 +21,6 @@ def decode(record) -> np.ndarray:
   return images.from_array(record)
 
 
-def resize(pixels: np.ndarray, size: int) -> np.ndarray:
-  """(H, W, 3) uint8 -> (size, size, 3) uint8 (`images.resize`)."""
-  return images.resize(pixels, size)
-
-
-def to_unit_range(pixels: np.ndarray) -> np.ndarray:
-  """uint8 (..., 3) -> float32 in [-1, 1] (`images.to_unit`)."""
-  return images.to_unit(pixels)
-
-
 class DecodeResize(grain.transforms.Map):
   """A record -> (size, size, 3) uint8 RGB."""
 
@@ -38,7 +28,7 @@ class DecodeResize(grain.transforms.Map):
     self.size = size
 
   def map(self, record) -> np.ndarray:
-    return resize(decode(record), self.size)
+    return images.resize(decode(record), self.size)
 
 
 class RandomFlip(grain.transforms.RandomMap):
@@ -52,4 +42,4 @@ class ToUnitRange(grain.transforms.Map):
   """uint8 pixels -> float32 in [-1, 1]."""
 
   def map(self, pixels: np.ndarray) -> np.ndarray:
-    return to_unit_range(pixels)
+    return images.to_unit(pixels)

@@ -52,11 +52,10 @@ class _Stop:
 def _sample_images(rt: runtime.Runtime, source, count: int) -> jax.Array:
   """The first images of the source (no flip), as a global batch of a multiple of the devices."""
   n = max(1, math.ceil(count / rt.mesh.size)) * rt.mesh.size
-  size = rt.config.model.size
-  pixels = np.stack([transforms.resize(transforms.decode(source[i % len(source)]), size)
-                     for i in range(n)])
-  images = transforms.to_unit_range(pixels)
-  return jax.make_array_from_callback(images.shape, rt.batch_sharding, lambda idx: images[idx])
+  decode_resize = transforms.DecodeResize(rt.config.model.size)
+  pixels = np.stack([decode_resize.map(source[i % len(source)]) for i in range(n)])
+  batch = transforms.ToUnitRange().map(pixels)
+  return jax.make_array_from_callback(batch.shape, rt.batch_sharding, lambda idx: batch[idx])
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, log=print) -> dict:
