@@ -36,10 +36,10 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from g2face_jax import bundle as bundle_lib, models
-from g2face_jax import faces, images, payload, pipeline
-from g2face_jax.privacy import keys, secure_payload
+from g2face_jax import bundle as bundle_lib
+from g2face_jax import faces, images, models, payload, pipeline
 from g2face_jax.nn import decoder
+from g2face_jax.privacy import keys, secure_payload
 
 IDENTITY_MODES = ("consistent", "random")
 CODECS = ("secure", "official")
