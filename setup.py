@@ -8,7 +8,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["g2face_jax", "g2face_jax.*"]),
+    packages=find_packages(include=["g2face_jax", "g2face_jax.*"]) + ["g2face_jax.configs"],
+    # configs/ sits at the top of the repository and installs inside the package, so
+    # `--config paper` finds it after any install (editable, wheel or git URL)
+    package_dir={"g2face_jax.configs": "configs"},
     install_requires=[
         "jax>=0.10",
         "flax>=0.12",

@@ -434,9 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("train", help="train G2Face (the official recipe) with checkpoints, metrics "
                      "and sample grids in --workdir; resumes from its newest checkpoint")
-  p.add_argument("--config", default="configs/g2face.py:smoke",
-                 help="config spec FILE.py:VARIANT[,key=value...] (default: the CPU smoke run); "
-                 "pretrained.bundle=FOLDER takes the frozen networks, the BFM and the start "
+  p.add_argument("--config", default="smoke",
+                 help="config: paper, smoke or tiny[,key=value...], or FILE.py:VARIANT[,...] "
+                 "(default: smoke, the CPU smoke run); pretrained.bundle=FOLDER takes the frozen networks, the BFM and the start "
                  "from a `g2face convert` bundle")
   p.add_argument("--workdir", required=True, help="folder for checkpoints, metrics and samples")
   _compile_cache_argument(p)
@@ -466,8 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("compile", help="compile the training step ahead of time for a TPU slice "
                      "(libtpu, no TPU needed): memory per chip, FLOPs, estimates from the peak")
-  p.add_argument("--config", default="configs/g2face.py:paper",
-                 help="config spec FILE.py:VARIANT[,key=value...] (default: paper)")
+  p.add_argument("--config", default="paper",
+                 help="config: paper, smoke or tiny[,key=value...], or FILE.py:VARIANT[,...] "
+                 "(default: paper)")
   p.add_argument("--topology", required=True,
                  help="Cloud TPU slice: v5e-16 ... v5e-256, v4-8 (v4/v5p names count cores), "
                  "v5p-128, v6e-64, or GENERATION:SHAPE such as v5e:4x4")

@@ -6,12 +6,22 @@ import os
 
 import ml_collections
 
-DEFAULT_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            "configs", "g2face.py")
+
+def _bundled_file() -> str:
+  """The bundled configs/g2face.py: installed as `g2face_jax.configs`, or in the source tree."""
+  spec = importlib.util.find_spec("g2face_jax.configs")
+  if spec is not None and spec.submodule_search_locations:
+    return os.path.join(list(spec.submodule_search_locations)[0], "g2face.py")
+  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "configs", "g2face.py")
+
+
+DEFAULT_FILE = _bundled_file()
 
 
 def load(spec: str = "paper") -> ml_collections.ConfigDict:
-  """'configs/g2face.py:tiny,model.size=64' or just 'tiny' (the bundled configs/g2face.py)."""
+  """'tiny,model.size=64' (the bundled configs/g2face.py, found after any install) or a
+  file of the user's, 'path/to/file.py:tiny,model.size=64'."""
   if ".py" in spec:
     path, _, arg = spec.partition(".py")
     path, arg = path + ".py", arg.removeprefix(":")
