@@ -71,6 +71,9 @@ def _training(global_batch: int, replica_batch: int, num_steps: int) -> dict:
           # 'demo' (bundled LFW face crops from scikit-image), an image folder,
           # 'arrayrecord:GLOB' (written by `g2face prepare-data`) or 'tfds:NAME[:SPLIT]'.
           source="demo",
+          # The demo set is for trying the code: the paper config refuses it unless this
+          # is True (smoke and tiny set it).
+          allow_demo=False,
           flip=True,                    # random horizontal flip
           shuffle_seed=0,
           workers=0,                    # Grain worker processes (0: in the main process)
@@ -86,6 +89,10 @@ def _training(global_batch: int, replica_batch: int, num_steps: int) -> dict:
           # layers of `--stylegan`, or a whole G2Face model of `--g2face` / `g2face
           # export`); False: a fresh generator, only the frozen networks and BFM read.
           start=True,
+          # Without a bundle: random stand-ins for ArcFace, the 3DMM regressor and LPIPS, a
+          # synthetic BFM and a fresh decoder. False (paper): refuse to start, naming the
+          # missing files; smoke and tiny set True (identity and geometry then mean nothing).
+          allow_random=False,
       )),
       checkpoint=ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True)),
       log=ml_collections.ConfigDict(dict(every_steps=10, sample_every_steps=500, samples=4,
@@ -125,6 +132,9 @@ def _variant(name: str) -> ml_collections.ConfigDict:
     training = _training(global_batch=4, replica_batch=2, num_steps=2)
   else:
     raise ValueError(f"unknown config variant '{name}' (paper, smoke, tiny)")
+  if name != "paper":  # CPU-sized runs: random frozen networks and the demo faces are fine
+    training["pretrained"].allow_random = True
+    training["data"].allow_demo = True
   return ml_collections.ConfigDict(dict(variant=name, model=model, **training))
 
 

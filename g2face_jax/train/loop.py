@@ -60,6 +60,8 @@ def _sample_images(rt: runtime.Runtime, source, count: int) -> jax.Array:
 
 def train(config: ml_collections.ConfigDict, workdir: str, log=print) -> dict:
   """Run (or resume) training in workdir; returns a summary dict of measured figures."""
+  for line in pretrained_lib.preflight(config):  # refuses a run missing what it needs
+    log(line)
   os.makedirs(workdir, exist_ok=True)
   tr = config.train
   source = sources.open_source(config.data.source)

@@ -28,6 +28,47 @@ from g2face_jax.train import state as state_lib
 FROZEN_NETS = ("arcface", "recon_net", "lpips")
 PURPOSE = "train this config (pretrained.bundle)"
 
+# What a run without a bundle lacks: the official file of each part, where it comes from,
+# and the `g2face convert` option that reads it.
+OFFICIAL_FILES = (
+    ("ArcFace", "ms1mv3_arcface_r50.pth (insightface arcface_torch model zoo)", "--arcface"),
+    ("the 3DMM regressor", "epoch_20.pth (Deep3DFaceRecon_pytorch, checkpoints/)", "--d3dfr"),
+    ("LPIPS", "vgg16-397923af.pth (torchvision) and vgg.pth (lpips v0.1 weights)",
+     "--lpips-vgg16/--lpips-heads"),
+    ("the Basel Face Model", "BFM_model_front.mat (Deep3DFaceRecon_pytorch, BFM/)", "--bfm"),
+    ("the StyleGAN2 start", "550000.pt (rosinality stylegan2-pytorch, FFHQ 256)", "--stylegan"),
+)
+
+
+class MissingPretrained(ValueError):
+  """The config trains from pretrained networks or real data it was not given."""
+
+
+def preflight(config: ml_collections.ConfigDict) -> list[str]:
+  """Refuse (MissingPretrained, one line) a run that would silently train the wrong model:
+  no bundle without `pretrained.allow_random`, or the demo faces without `data.allow_demo`.
+  Returns the lines to log about what the run stands in for (random networks, demo data)."""
+  p, data, lines = config.pretrained, config.data, []
+  if not p.bundle:
+    if not p.allow_random:
+      missing = "; ".join(f"{part}: {file} [{option}]" for part, file, option in OFFICIAL_FILES)
+      raise MissingPretrained(
+          f"config '{config.variant}' trains from pretrained networks and pretrained.bundle is "
+          f"empty. Missing: {missing}. Convert them into one bundle with `g2face convert "
+          f"--config {config.variant} --out BUNDLE ...` and add pretrained.bundle=BUNDLE, or "
+          f"add pretrained.allow_random=True to train with random stand-ins")
+    lines.append("no pretrained.bundle (pretrained.allow_random): random ArcFace, 3DMM "
+                 "regressor and LPIPS, a synthetic BFM and a fresh decoder; the identity and "
+                 "geometry losses mean nothing")
+  if data.source == "demo":
+    if not data.allow_demo:
+      raise MissingPretrained(
+          f"config '{config.variant}' trains on real faces and data.source is the bundled demo "
+          f"set (100 thumbnails): set data.source to an image folder, arrayrecord:GLOB "
+          f"(g2face prepare-data) or tfds:NAME, or add data.allow_demo=True")
+    lines.append("data: the bundled demo faces (data.allow_demo), for trying the code only")
+  return lines
+
 
 def is_g2face_start(b: bundle.Bundle) -> bool:
   """Whether the bundle's generator is a whole G2Face model (else a StyleGAN2 start)."""
