@@ -95,21 +95,15 @@ def _photo_files(args, operation: str) -> int:
 
   from g2face_jax import files
   out = sys.stderr if args.json else sys.stdout
-  try:
-    tool = _photo_tool(args, operation)
-    step = getattr(files, f"{operation}_file")
-    video_options = _video_options(args, tool)
-    results = files.run_files(
-        lambda src, dst: step(tool, src, dst, aligned=args.aligned, video_options=video_options),
-        args.inputs, args.out,
-        progress=lambda items: tqdm(items, desc=operation, unit="file", file=sys.stderr,
-                                    disable=None, leave=False),
-        debug=args.debug, report=lambda r: tqdm.write(_file_line(r), file=out))
-  except Exception as e:  # one line unless --debug
-    if args.debug:
-      raise
-    print(f"g2face {operation}: error: {e}", file=sys.stderr)
-    return 2
+  tool = _photo_tool(args, operation)
+  step = getattr(files, f"{operation}_file")
+  video_options = _video_options(args, tool)
+  results = files.run_files(
+      lambda src, dst: step(tool, src, dst, aligned=args.aligned, video_options=video_options),
+      args.inputs, args.out,
+      progress=lambda items: tqdm(items, desc=operation, unit="file", file=sys.stderr,
+                                  disable=None, leave=False),
+      debug=args.debug, report=lambda r: tqdm.write(_file_line(r), file=out))
   if args.json:
     print(json.dumps(files.summary(results), indent=1))
   failed = sum(not r.ok for r in results)
@@ -133,14 +127,9 @@ def _verify(args) -> int:
     tool = _photo_tool(args, "verify")
     result = files.verify_file(tool, args.anon, args.reference, args.threshold,
                                aligned=args.aligned)
-  except photo.FileError as e:
+  except photo.FileError as e:  # the file read, but holds no readable face or payload
     print(f"g2face verify: error: {e}", file=sys.stderr)
     return 1
-  except Exception as e:  # one line unless --debug
-    if args.debug:
-      raise
-    print(f"g2face verify: error: {e}", file=sys.stderr)
-    return 2
   if args.json:
     print(json.dumps(files.summary([result]) | {"threshold": args.threshold}, indent=1))
   else:
@@ -154,17 +143,11 @@ def _eval(args) -> int:
   from tqdm import tqdm
 
   from g2face_jax.eval import report
-  try:
-    tool = _photo_tool(args, "anonymize")
-    tool.require("recover")
-    summary = report.run(tool, args.data, args.out, limit=args.limit, fid_bundle=args.fid_bundle,
-                         progress=lambda items: tqdm(items, desc="eval", unit="image",
-                                                     file=sys.stderr, disable=None))
-  except Exception as e:  # one line unless --debug
-    if args.debug:
-      raise
-    print(f"g2face eval: error: {e}", file=sys.stderr)
-    return 2
+  tool = _photo_tool(args, "anonymize")
+  tool.require("recover")
+  summary = report.run(tool, args.data, args.out, limit=args.limit, fid_bundle=args.fid_bundle,
+                       progress=lambda items: tqdm(items, desc="eval", unit="image",
+                                                   file=sys.stderr, disable=None))
   with open(os.path.join(args.out, "report.md")) as f:
     print(f.read())
   for failure in summary["failures"]:
@@ -222,8 +205,9 @@ def _use_compile_cache(args) -> None:
 
 def _train(args) -> int:
   from g2face_jax import config as config_lib
-  from g2face_jax.train import export, loop
+  from g2face_jax.train import export, loop, pretrained
   config = config_lib.load(args.config)
+  pretrained.preflight(config)  # a refused run writes nothing (train logs what it says)
   explicit = (args.coordinator, args.num_processes, args.process_id)
   if any(v is not None for v in explicit) and None in explicit:
     raise ValueError("--coordinator, --num-processes and --process-id go together")
@@ -285,7 +269,6 @@ def _photo_arguments(p, inputs: bool = True) -> None:
   p.add_argument("--aligned", action="store_true",
                  help="inputs are ready square face crops (FFHQ-aligned), not photos")
   p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
-  p.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
   _matmul_precision_argument(p)
   _compile_cache_argument(p)
 
@@ -320,17 +303,25 @@ def _video_arguments(p, anonymize: bool) -> None:
                  "a conventional ArcFace value: calibrate it)")
 
 
+def _command(sub, name: str, **kwargs) -> argparse.ArgumentParser:
+  """A subcommand's parser, with the options every subcommand has (--debug)."""
+  p = sub.add_parser(name, **kwargs)
+  p.add_argument("--debug", action="store_true",
+                 help="show the traceback of an error instead of its one-line message")
+  return p
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="g2face", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
-  p = sub.add_parser("parity", help="convert the official fixtures' recipe weights and print "
+  p = _command(sub, "parity", help="convert the official fixtures' recipe weights and print "
                      "the relative error of every network against the official outputs")
   p.add_argument("--fixtures", default=os.environ.get("G2FACE_PARITY_FIXTURES", DEFAULT_FIXTURES),
                  help="fixture folder (official-seedN layout); default: the bundled seed 0")
   p.add_argument("--only", help="comma-separated checks to run (default: all)")
   p.set_defaults(run=_parity)
 
-  p = sub.add_parser("convert", help="convert official PyTorch checkpoints into one model bundle "
+  p = _command(sub, "convert", help="convert official PyTorch checkpoints into one model bundle "
                      "(any subset of the files; read with torch.load(weights_only=True))")
   p.add_argument("--g2face", help="G2Face.pth: decoder, style mapper, map_2_id, extractor, discriminator")
   p.add_argument("--arcface", help="ms1mv3_arcface_r50.pth (insightface iresnet; iresnet100 with "
@@ -349,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", required=True, help="bundle folder to write (new or empty)")
   p.set_defaults(run=_convert)
 
-  p = sub.add_parser("keygen", help="write a new 256-bit key file (mode 0600)")
+  p = _command(sub, "keygen", help="write a new 256-bit key file (mode 0600)")
   p.add_argument("--out", required=True, help="key file to create (never overwritten)")
   p.add_argument("--passphrase", action="store_true",
                  help="derive the key from a passphrase (scrypt, memory-hard) typed at a prompt "
@@ -359,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
   codec_help = ("hidden identity code: 'secure' (default) encrypts and authenticates it with the "
                 "key and adds error correction; 'official' hides the raw float32 ArcFace bits "
                 "exactly as the official G2Face: anyone with the model can recover the face")
-  p = sub.add_parser("anonymize", help="replace every face of photos with a key-driven virtual "
+  p = _command(sub, "anonymize", help="replace every face of photos with a key-driven virtual "
                      "identity, hiding the original identity for `recover`")
   _photo_arguments(p)
   p.add_argument("--identity", choices=("consistent", "random"), default="consistent",
@@ -372,14 +363,14 @@ def build_parser() -> argparse.ArgumentParser:
   _video_arguments(p, anonymize=True)
   p.set_defaults(run=_anonymize)
 
-  p = sub.add_parser("recover", help="restore the original faces of anonymized photos with the key")
+  p = _command(sub, "recover", help="restore the original faces of anonymized photos with the key")
   _photo_arguments(p)
   p.add_argument("--codec", choices=("secure", "official"), default="secure",
                  help="code to read when a file has no g2face stamp (default secure)")
   _video_arguments(p, anonymize=False)
   p.set_defaults(run=_recover)
 
-  p = sub.add_parser("verify", help="decide whether the person hidden in an anonymized photo is "
+  p = _command(sub, "verify", help="decide whether the person hidden in an anonymized photo is "
                      "the person in a reference photo, without recovering the face")
   p.add_argument("anon", metavar="ANON", help="anonymized image")
   p.add_argument("--reference", required=True, help="photo of the claimed person (largest face)")
@@ -390,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
   _photo_arguments(p, inputs=False)
   p.set_defaults(run=_verify)
 
-  p = sub.add_parser("eval", help="the paper's metrics on a folder of aligned face images: "
+  p = _command(sub, "eval", help="the paper's metrics on a folder of aligned face images: "
                      "metrics.json, report.md and grid.png in --out")
   p.add_argument("--data", nargs="+", required=True, help="image files or folders (each image one "
                  "aligned face crop)")
@@ -406,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="virtual identity mode (default: consistent)")
   p.set_defaults(run=_eval)
 
-  p = sub.add_parser("bench", help="time anonymize and recover per image on random weights "
+  p = _command(sub, "bench", help="time anonymize and recover per image on random weights "
                      "(compile apart, XLA FLOPs, GFLOP/s, peak memory, device)")
   p.add_argument("--config", default="paper", help="config spec (default: paper)")
   p.add_argument("--batch", default="1", help="batch size(s), comma-separated (default: 1)")
@@ -432,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "one fresh process each, e.g. 1,2,4,8 (the global batch must split over them)")
   p.set_defaults(run=_bench)
 
-  p = sub.add_parser("train", help="train G2Face (the official recipe) with checkpoints, metrics "
+  p = _command(sub, "train", help="train G2Face (the official recipe) with checkpoints, metrics "
                      "and sample grids in --workdir; resumes from its newest checkpoint")
   p.add_argument("--config", default="smoke",
                  help="config: paper, smoke or tiny[,key=value...], or FILE.py:VARIANT[,...] "
@@ -450,13 +441,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--process-id", type=int, help="this process, 0 .. N-1 (with --coordinator)")
   p.set_defaults(run=_train)
 
-  p = sub.add_parser("export", help="write the newest checkpoint of a training workdir as a "
+  p = _command(sub, "export", help="write the newest checkpoint of a training workdir as a "
                      "model bundle for anonymize/recover")
   p.add_argument("--workdir", required=True, help="training workdir")
   p.add_argument("--out", required=True, help="bundle folder to write (new or empty)")
   p.set_defaults(run=_export)
 
-  p = sub.add_parser("prepare-data", help="pack an image folder (recursive) into ArrayRecord "
+  p = _command(sub, "prepare-data", help="pack an image folder (recursive) into ArrayRecord "
                      "shards for training")
   p.add_argument("folder", metavar="FOLDER", help="folder of jpg/png images")
   p.add_argument("--out", required=True, help="folder for the shards")
@@ -464,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--per-shard", type=int, default=10_000, help="images per shard")
   p.set_defaults(run=_prepare_data)
 
-  p = sub.add_parser("compile", help="compile the training step ahead of time for a TPU slice "
+  p = _command(sub, "compile", help="compile the training step ahead of time for a TPU slice "
                      "(libtpu, no TPU needed): memory per chip, FLOPs, estimates from the peak")
   p.add_argument("--config", default="paper",
                  help="config: paper, smoke or tiny[,key=value...], or FILE.py:VARIANT[,...] "
@@ -498,9 +489,31 @@ def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   try:
     return _run(args)
-  except (OSError, ValueError, KeyError, ImportError) as e:
-    print(f"g2face {args.command}: error: {e}", file=sys.stderr)
-    return 2
+  except KeyboardInterrupt:
+    print(f"g2face {args.command}: interrupted", file=sys.stderr)
+    return 130
+  except Exception as e:  # every error is one line; --debug shows the traceback
+    if args.debug:
+      raise
+    print(f"g2face {args.command}: error: {one_line(e)}", file=sys.stderr)
+    return 2 if isinstance(e, REFUSALS) else 1
+
+
+# Errors of the input, the files or the config (exit 2); any other error is a failure of
+# the run itself, such as a non-finite loss or an XLA out-of-memory error (exit 1).
+REFUSALS = (OSError, ValueError, LookupError, ImportError)
+
+
+def one_line(error: BaseException) -> str:
+  """The error's message on one line: its first non-empty line, with the exception's type
+  when the message alone would not say what failed (not a refusal of input)."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  text = lines[0] if lines else type(error).__name__
+  if len(lines) > 1:
+    text += " [...] (--debug for the full message)"
+  if not isinstance(error, REFUSALS) and lines:
+    text = f"{type(error).__name__}: {text}"
+  return text
 
 
 if __name__ == "__main__":
