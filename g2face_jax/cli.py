@@ -5,6 +5,8 @@ import argparse
 import os
 import sys
 
+from g2face_jax import platforms
+
 DEFAULT_FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "tests", "fixtures", "official", "official-seed0")
 
@@ -488,6 +490,7 @@ def main(argv=None) -> int:
   """The `g2face` command; `argv` None: this process's arguments."""
   args = build_parser().parse_args(argv)
   try:
+    platforms.use_cpu_when_nothing_else_runs()  # no libtpu start-up noise on CPU-only hosts
     return _run(args)
   except KeyboardInterrupt:
     print(f"g2face {args.command}: interrupted", file=sys.stderr)

@@ -8,8 +8,6 @@ only for runs without the real `BFM_model_front.mat`.
 """
 from __future__ import annotations
 
-import logging
-
 import jax
 import ml_collections
 import numpy as np
@@ -53,7 +51,6 @@ def bfm_of(config: ml_collections.ConfigDict, pretrained: bundle.Bundle | None =
   pretrained = pretrained if pretrained is not None else pretrained_lib.open_bundle(config)
   if pretrained is not None:
     return pretrained.bfm
-  logging.warning("no bundle given (pretrained.bundle): using a small random synthetic BFM")
   return synthetic_bfm()
 
 
@@ -86,10 +83,7 @@ def frozen_variables(config: ml_collections.ConfigDict, seed: int,
   pretrained = pretrained if pretrained is not None else pretrained_lib.open_bundle(config)
   if pretrained is not None:
     out = {name: pretrained.variables[name] for name in FROZEN_NETS}
-  else:
-    for name in FROZEN_NETS:
-      logging.warning("no pretrained weights for frozen network %s (pretrained.bundle): "
-                      "random initialisation", name)
+  else:  # allowed by pretrained.allow_random, and said at the start (pretrained.preflight)
     out = {name: random_variables(config.model, name, seed + i)
            for i, name in enumerate(FROZEN_NETS)}
   out["bfm"] = bfm_of(config, pretrained)
