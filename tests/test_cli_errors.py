@@ -114,3 +114,22 @@ def test_every_subcommand_takes_debug(capsys):
   assert all(name in listed for name in COMMANDS)
   for name in COMMANDS:
     assert "--debug" in _help([name, "--help"], capsys), name
+
+
+@pytest.mark.parametrize("variant", ["smoke", "tiny"])
+def test_smoke_and_tiny_say_what_they_stand_in_for(variant):
+  from g2face_jax import config as config_lib
+  from g2face_jax.train import pretrained
+  lines = pretrained.preflight(config_lib.load(variant))
+  assert any("random ArcFace" in line and "synthetic BFM" in line for line in lines)
+  assert any("demo faces" in line for line in lines)
+  real = config_lib.load(f"{variant},pretrained.bundle=B,data.source=/data/faces")
+  assert pretrained.preflight(real) == []
+
+
+def test_paper_with_a_bundle_and_real_data_passes_the_preflight():
+  from g2face_jax import config as config_lib
+  from g2face_jax.train import pretrained
+  assert pretrained.preflight(config_lib.load("paper,pretrained.bundle=B,data.source=/d")) == []
+  fresh = config_lib.load("paper,pretrained.allow_random=True,data.allow_demo=True")
+  assert len(pretrained.preflight(fresh)) == 2
