@@ -25,7 +25,12 @@ CONFIG_SPEC = "config_spec.txt"  # the --config string of the run, written by `g
 
 def save_config_spec(workdir: str, spec: str) -> None:
   """Write the run's --config string with its config file and `pretrained.bundle` as
-  absolute paths, so `export` finds them from any folder."""
+  absolute paths, so `export` finds them from any folder.
+
+  Refuses (ValueError, writing nothing) when workdir already holds checkpoints and the
+  config they were trained with (its config_spec.txt) has other `model` settings:
+  such a resume would continue a different model, even where no shape changes.
+  Other sections may change between runs."""
   path, sep, rest = spec.partition(".py")
   if sep:
     spec = os.path.abspath(path + sep) + rest
@@ -35,9 +40,49 @@ def save_config_spec(workdir: str, spec: str) -> None:
     if key == "pretrained.bundle" and eq and value:
       parts[i] = f"{key}={os.path.abspath(value)}"
   spec = ",".join(parts)
+  _check_model_unchanged(workdir, spec)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, CONFIG_SPEC), "w", encoding="utf-8") as f:
     f.write(spec + "\n")
+
+
+def _check_model_unchanged(workdir: str, spec: str) -> None:
+  """ValueError naming workdir and the differing `model.*` settings (saved -> new) when
+  workdir has checkpoints made with another model config."""
+  path = os.path.join(workdir, CONFIG_SPEC)
+  if not (os.path.isfile(path) and _has_checkpoints(workdir)):
+    return
+  with open(path, encoding="utf-8") as f:
+    saved_spec = f.read().strip()
+  try:
+    saved = config_lib.load(saved_spec)
+  except Exception as e:
+    reason = (str(e).strip().splitlines() or [""])[0]
+    raise ValueError(
+        f"{workdir}: the config its checkpoints were trained with ({CONFIG_SPEC}: "
+        f"{saved_spec!r}) does not load ({type(e).__name__}: {reason}); restore that "
+        f"config, or use a new workdir") from e
+  old, new = _flat(saved.model.to_dict()), _flat(config_lib.load(spec).model.to_dict())
+  differing = [f"model.{k} {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
+               for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+  if differing:
+    raise ValueError(
+        f"{workdir}: its checkpoints were trained with other model settings: "
+        f"{', '.join(differing)}; resume with the model settings of {path}, or use a new "
+        f"workdir")
+
+
+def _has_checkpoints(workdir: str) -> bool:
+  folder = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(folder) and any(
+      name.isdigit() and os.path.isdir(os.path.join(folder, name)) for name in os.listdir(folder))
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
 
 
 def load_config(workdir: str):
@@ -57,7 +102,10 @@ def export(workdir: str, out: str, log=print) -> str:
   frozen = frozen_lib.frozen_variables(config, config.train.seed + 1, pretrained)
   rt = runtime.create(config, 1, frozen, devices=jax.local_devices()[:1])
   abstract = jax.eval_shape(lambda: runtime.init_state(rt, jax.random.key(0)))
-  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
+  folder = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"{folder}: no checkpoints to export")
+  checkpointer = checkpoint_lib.Checkpointer(folder, config.checkpoint)
   try:
     state, step = checkpointer.restore_state(
         checkpoint_lib.abstract_with_shardings(abstract, rt.state_sharding))
