@@ -76,8 +76,12 @@ def _training(global_batch: int, replica_batch: int, num_steps: int) -> dict:
           allow_demo=False,
           flip=True,                    # random horizontal flip
           shuffle_seed=0,
-          workers=0,                    # Grain worker processes (0: in the main process)
-          prefetch=2,                   # batches read ahead per worker
+          # Threads decoding and resizing records; -1 (auto): none on 1 or 2 cores, else
+          # half the cores this process may use, at most 16 (pipeline.auto_workers; on 2
+          # cores, decoding threads beside XLA's measured no faster, docs/benchmarks.md).
+          # The record order and the saved position do not depend on it.
+          workers=-1,
+          prefetch=2,                   # batches assembled ahead in a background thread (0: none)
       )),
       pretrained=ml_collections.ConfigDict(dict(
           # A bundle folder written by `g2face convert` (--stylegan --arcface --d3dfr
@@ -95,8 +99,20 @@ def _training(global_batch: int, replica_batch: int, num_steps: int) -> dict:
           allow_random=False,
       )),
       checkpoint=ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True)),
-      log=ml_collections.ConfigDict(dict(every_steps=10, sample_every_steps=500, samples=4,
-                                         profile_steps=0)),
+      log=ml_collections.ConfigDict(dict(
+          # Metrics stay on the devices between logs: every `every_steps` iterations (and
+          # before each checkpoint) they are fetched at once, checked for NaN/inf (the run
+          # stops naming the step) and their means logged with steps/s over the interval.
+          every_steps=10,
+          sample_every_steps=500,       # sample grid PNGs (0: only before and after)
+          samples=4,                    # faces in each grid
+          # > 0: a jax.profiler trace of this many iterations after the first (compiled)
+          # one, written under WORKDIR/profile (TensorBoard's profile tab or XProf).
+          profile_steps=0,
+          # jax.transfer_guard over the iterations after the first: 'log' reports and
+          # 'disallow' refuses every implicit host<->device transfer ('allow': off).
+          transfer_guard="allow",
+      )),
       mesh=ml_collections.ConfigDict(dict(
           data=-1,          # -1: all devices not used by fsdp
           fsdp=1,           # parameter (and batch) sharding axis

@@ -5,9 +5,18 @@ from the newest readable checkpoint in workdir/checkpoints, else starting from
 the bundle of `pretrained.bundle` as `pretrained` describes), saves on SIGTERM
 and at the end, and returns a summary (compile time, steps/s, sample bit error
 rate and recovery L1 before and after).
+
+The host never waits for a step to finish except where it needs its results:
+step t is dispatched, the batch of step t + 1 is read and placed on the
+devices while step t runs, and the host stays at most one step ahead. The
+metrics stay on the devices until the logging interval (`log.every_steps`), a
+checkpoint or the end, where they are fetched in one transfer, checked for
+non-finite values and averaged.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import math
 import os
@@ -28,6 +37,7 @@ from g2face_jax.train import runtime
 
 CONSOLE_KEYS = ("anon/total", "rec/total", "disc/total", "anon/bit_error_rate", "rec/l1", "lr",
                 "steps_per_s", "images_per_s")
+TRANSFER_GUARDS = ("allow", "log", "disallow")
 
 
 class _Stop:
@@ -49,6 +59,60 @@ class _Stop:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+class _PendingMetrics:
+  """Metrics of the steps since the last fetch, kept on the devices."""
+
+  def __init__(self):
+    self._steps: list[int] = []
+    self._metrics: list[dict] = []
+
+  def add(self, step: int, metrics: dict) -> None:
+    self._steps.append(step)
+    self._metrics.append(metrics)
+
+  def fetch(self) -> list[tuple[int, dict]]:
+    """(step, host scalars) of every pending step, in one transfer; raises
+    FloatingPointError naming the steps if any value is not finite."""
+    if not self._steps:
+      return []
+    steps, values = self._steps, jax.device_get(self._metrics)
+    self._steps, self._metrics = [], []
+    for step, scalars in zip(steps, values):
+      bad = sorted(k for k, v in scalars.items() if not np.all(np.isfinite(v)))
+      if bad:
+        raise FloatingPointError(
+            f"non-finite {', '.join(bad)} at step {step} (metrics of steps {steps[0]}-{steps[-1]} "
+            "checked); stopping without saving them")
+    return list(zip(steps, values))
+
+
+class _Profile:
+  """A `jax.profiler` trace of `steps` iterations, started after the first (compiled) one."""
+
+  def __init__(self, directory: str, steps: int, log):
+    self.directory, self.steps, self.log = directory, steps, log
+    self.first = None  # first traced step while tracing
+
+  def start(self, next_step: int, last_step: int) -> None:
+    if self.steps > 0 and next_step <= last_step:
+      jax.profiler.start_trace(self.directory)
+      self.first = next_step
+
+  def after(self, step: int, outputs) -> None:
+    """Stop once `step`, the last of the traced ones, has run."""
+    if self.first is not None and step >= self.first + self.steps - 1:
+      jax.block_until_ready(outputs)
+      self.stop(step)
+
+  def stop(self, step: int) -> None:
+    if self.first is None:
+      return
+    jax.profiler.stop_trace()
+    self.log(f"profile of steps {self.first}-{step} written under {self.directory} "
+             "(TensorBoard's profile tab or XProf)")
+    self.first = None
+
+
 def _sample_images(rt: runtime.Runtime, source, count: int) -> jax.Array:
   """The first images of the source (no flip), as a global batch of a multiple of the devices."""
   n = max(1, math.ceil(count / rt.mesh.size)) * rt.mesh.size
@@ -58,10 +122,17 @@ def _sample_images(rt: runtime.Runtime, source, count: int) -> jax.Array:
   return jax.make_array_from_callback(batch.shape, rt.batch_sharding, lambda idx: batch[idx])
 
 
+def _due(step: int, every: int) -> bool:
+  return bool(every) and step % every == 0
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, log=print) -> dict:
   """Run (or resume) training in workdir; returns a summary dict of measured figures."""
   for line in pretrained_lib.preflight(config):  # refuses a run missing what it needs
     log(line)
+  if config.log.transfer_guard not in TRANSFER_GUARDS:
+    raise ValueError(f"log.transfer_guard is '{config.log.transfer_guard}'; expected one of "
+                     f"{', '.join(TRANSFER_GUARDS)}")
   os.makedirs(workdir, exist_ok=True)
   tr = config.train
   source = sources.open_source(config.data.source)
@@ -74,7 +145,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print) -> dict:
   data_iter = iter(loader)
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
   writer = metrics_lib.Writer(workdir, log)
-  log(f"data: {source!r}, {steps_per_epoch} steps per epoch; mesh {dict(rt.mesh.shape)}; "
+  log(f"data: {source!r}, {steps_per_epoch} steps per epoch, "
+      f"{pipeline.resolve_workers(config.data.workers)} decoding threads, "
+      f"{config.data.prefetch} batches prefetched; mesh {dict(rt.mesh.shape)}; "
       f"{jax.device_count()} devices in {jax.process_count()} processes")
 
   abstract = jax.eval_shape(lambda: runtime.init_state(rt, jax.random.key(tr.seed)))
@@ -93,12 +166,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print) -> dict:
   del pretrained  # its frozen networks stay in frozen_host
   frozen = runtime.place_frozen(rt, frozen_host)
   samples = _sample_images(rt, source, config.log.samples)
+  samples_host = jax.device_get(samples)
   sample_rng = jax.random.key(tr.seed + 2)
 
   def sample(step):
     out = jax.device_get(rt.sample_step(state, frozen, samples, sample_rng))
-    writer.grid(step, "input_anonymized_recovered",
-                [np.asarray(samples), out["anon"], out["recovered"]])
+    writer.grid(step, "input_anonymized_recovered", [samples_host, out["anon"], out["recovered"]])
     return {"bit_error_rate": float(out["bit_error_rate"]), "recovery_l1": float(out["recovery_l1"])}
 
   summary = {"start_step": int(state.step)}
@@ -107,49 +180,97 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print) -> dict:
       f"recovery L1 {summary['start_sample']['recovery_l1']:.4f}")
 
   stop = _Stop()
+  pending = _PendingMetrics()
   averages = metrics_lib.IntervalAverages()
+  profile = _Profile(os.path.join(os.path.abspath(workdir), "profile"), config.log.profile_steps,
+                     log)
   step = int(state.step)
-  timed_steps, timed_seconds, compile_s = 0, 0.0, None
-  interval_start, interval_steps = time.time(), 0
+  compile_s = None
+  timed = None  # (step, time) when the compiled first step had finished
+  last_fetch = None  # (step, time) of the latest fetch after it
+  interval = None  # (step, time) where the current logging interval began
+
+  def fetch():
+    nonlocal last_fetch
+    fetched = pending.fetch()
+    for _, scalars in fetched:
+      averages.add(scalars)
+    if fetched and timed is not None:
+      last_fetch = (step, time.time())
+    return fetched
+
+  def write_interval():
+    nonlocal interval
+    values = averages.flush()
+    if interval is not None and step > interval[0]:
+      values["steps_per_s"] = (step - interval[0]) / (time.time() - interval[1])
+      values["images_per_s"] = values["steps_per_s"] * tr.global_batch
+    writer.scalars(step, values, CONSOLE_KEYS)
+    if timed is not None:
+      interval = (step, time.time())
+
+  def steady():
+    """The transfer guard (`log.transfer_guard`) over the steps after the first."""
+    if timed is None:
+      return contextlib.nullcontext()
+    return jax.transfer_guard(config.log.transfer_guard)
+
+  def read_batch():
+    """The next global batch, with the iterator's position before it (for a rewind)."""
+    position = copy.deepcopy(data_iter.get_state())
+    return runtime.global_batch(rt, next(data_iter)), position
+
+  previous = None  # metrics of the step before the newest
   try:
+    images, position = read_batch() if step < tr.num_steps else (None, None)
     while step < tr.num_steps and not stop.requested:
-      images = runtime.global_batch(rt, next(data_iter))
-      t0 = time.time()
-      state, metrics = rt.train_step(state, frozen, images)
-      metrics = jax.device_get(metrics)  # also waits for the step
-      step += 1
-      if compile_s is None:
+      with steady():
+        t0 = time.time()
+        state, metrics = rt.train_step(state, frozen, images)
+        images = None
+        step += 1
+        pending.add(step, metrics)
+      if compile_s is None:  # waits once: checks the first step (orbax saves it in a new workdir)
+        fetch()
         compile_s = time.time() - t0
         log(f"step {step}: compiled and ran the first step in {compile_s:.1f} s")
-        interval_start, interval_steps = time.time(), 0
+        timed = interval = (step, time.time())
       else:
-        timed_steps += 1
-        timed_seconds += time.time() - t0
-        interval_steps += 1
-      if not all(np.isfinite(v) for v in metrics.values()):
-        bad = sorted(k for k, v in metrics.items() if not np.isfinite(v))
-        raise FloatingPointError(f"step {step}: non-finite {bad}; stopping")
-      averages.add(metrics)
+        profile.after(step, metrics)
+      # a checkpoint holds only steps whose metrics were checked
+      if _due(step, config.checkpoint.every_steps):
+        fetch()
       checkpointer.save(step, state, data_iter)
-      if step % config.log.every_steps == 0 or step == tr.num_steps:
-        values = averages.flush()
-        elapsed = time.time() - interval_start
-        if interval_steps:
-          values["steps_per_s"] = interval_steps / elapsed
-          values["images_per_s"] = values["steps_per_s"] * tr.global_batch
-        writer.scalars(step, values, CONSOLE_KEYS)
-        interval_start, interval_steps = time.time(), 0
-      if config.log.sample_every_steps and step % config.log.sample_every_steps == 0:
+      if _due(step, config.log.every_steps) or step == tr.num_steps:
+        fetch()
+        write_interval()
+      if _due(step, config.log.sample_every_steps):
         sample(step)
+      if step == timed[0]:
+        profile.start(step + 1, tr.num_steps)
+      if step < tr.num_steps:
+        with steady():
+          images, position = read_batch()  # read and placed while this step runs
+          if previous is not None:  # at most one step ahead of the devices
+            jax.block_until_ready(previous)
+      previous = metrics
+    if images is not None:  # stopped with the next batch read: save the position before it
+      data_iter.set_state(position)
     if stop.requested:
       log(f"SIGTERM: saving the checkpoint of step {step} and stopping")
+    if fetch():
+      write_interval()
     checkpointer.save(step, state, data_iter, force=step not in checkpointer.manager.all_steps())
     checkpointer.wait()
   finally:
+    profile.stop(step)
     stop.restore()
     checkpointer.close()
-  summary.update(end_step=step, compile_and_first_step_s=compile_s,
-                 steps_per_s=timed_steps / timed_seconds if timed_seconds else None,
+    data_iter.close()
+  steps_per_s = None
+  if timed is not None and last_fetch is not None and last_fetch[0] > timed[0]:
+    steps_per_s = (last_fetch[0] - timed[0]) / (last_fetch[1] - timed[1])
+  summary.update(end_step=step, compile_and_first_step_s=compile_s, steps_per_s=steps_per_s,
                  stopped_by_signal=stop.requested)
   summary["end_sample"] = sample(step)
   log(f"sample after step {step}: bit error rate {summary['end_sample']['bit_error_rate']:.4f}, "
