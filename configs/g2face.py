@@ -76,9 +76,9 @@ def _training(global_batch: int, replica_batch: int, num_steps: int) -> dict:
           allow_demo=False,
           flip=True,                    # random horizontal flip
           shuffle_seed=0,
-          # Threads decoding and resizing records; -1 (auto): none on 1 or 2 cores, else
-          # half the cores this process may use, at most 16 (pipeline.auto_workers; on 2
-          # cores, decoding threads beside XLA's measured no faster, docs/benchmarks.md).
+          # Threads decoding and resizing records; -1 (auto, pipeline.auto_workers): none on
+          # 1 or 2 cores (XLA's step needs them; the prefetch thread alone keeps up there,
+          # docs/benchmarks.md), else half the cores this process may use, at most 16.
           # The record order and the saved position do not depend on it.
           workers=-1,
           prefetch=2,                   # batches assembled ahead in a background thread (0: none)
