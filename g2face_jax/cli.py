@@ -217,8 +217,9 @@ def _train(args) -> int:
     from g2face_jax.train import runtime
     runtime.initialize_distributed(*explicit)
   _use_compile_cache(args)
-  export.save_config_spec(args.workdir, args.config)
-  summary = loop.train(config, args.workdir)
+  export.check_config_spec(args.workdir, args.config)  # a changed model: refused, nothing written
+  summary = loop.train(config, args.workdir,
+                       started=lambda: export.save_config_spec(args.workdir, args.config))
   return 0 if summary["end_step"] >= config.train.num_steps or summary["stopped_by_signal"] else 1
 
 

@@ -239,9 +239,9 @@ def test_other_model_settings_are_refused_touching_nothing(workdir, tmp_path, ca
 def test_a_step_that_does_not_fit_stops_before_reading_arrays(workdir, capsys):
   """Without the recorded config (a workdir written by the library), the checkpoint's
   own metadata refuses the resume: one line naming the step and the first differing
-  arrays, saved vs expected; the checkpoint folder stays byte-identical."""
+  arrays, saved vs expected; the workdir stays byte-identical."""
   os.remove(workdir / export.CONFIG_SPEC)
-  checkpoints = _snapshot(workdir / "checkpoints")
+  checkpoints = _snapshot(workdir)
   code, out, err = _cli(capsys, "train", "--config", CONFIG.format(n=4) + ",model.style_dim=16",
                         "--workdir", str(workdir), "--compile-cache", "")
   assert code == 2
@@ -249,7 +249,7 @@ def test_a_step_that_does_not_fit_stops_before_reading_arrays(workdir, capsys):
   assert f"checkpoint {workdir / 'checkpoints' / '2'} does not match the config" in line
   assert "saved (32, 32) float32, expected (16, 32) float32" in line, line
   assert "resumed" not in out and "starting from step 0" not in out
-  assert _snapshot(workdir / "checkpoints") == checkpoints
+  assert _snapshot(workdir) == checkpoints
 
 
 def test_other_sections_may_change_and_the_spec_is_rewritten(workdir):
@@ -295,10 +295,8 @@ def test_io_error_stops_touching_nothing(workdir, tmp_path, capsys, monkeypatch,
   line = _one_error_line(err, command)
   assert f"checkpoint {step2}: I/O error" in line and "nothing was changed" in line, line
   assert "resumed" not in out and "exported" not in out
-  if command == "train":  # the job records its config and opens its logs before resuming
-    assert _snapshot(workdir / "checkpoints") == checkpoints
-  else:
-    assert _snapshot(workdir) == before
+  assert _snapshot(workdir / "checkpoints") == checkpoints
+  assert _snapshot(workdir) == before
 
 
 @pytest.mark.parametrize("error, kind", [

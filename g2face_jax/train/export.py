@@ -31,6 +31,15 @@ def save_config_spec(workdir: str, spec: str) -> None:
   config they were trained with (its config_spec.txt) has other `model` settings:
   such a resume would continue a different model, even where no shape changes.
   Other sections may change between runs."""
+  spec = _absolute(spec)
+  check_config_spec(workdir, spec)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, CONFIG_SPEC), "w", encoding="utf-8") as f:
+    f.write(spec + "\n")
+
+
+def _absolute(spec: str) -> str:
+  """The --config string with its config file and `pretrained.bundle` as absolute paths."""
   path, sep, rest = spec.partition(".py")
   if sep:
     spec = os.path.abspath(path + sep) + rest
@@ -39,16 +48,13 @@ def save_config_spec(workdir: str, spec: str) -> None:
     key, eq, value = part.partition("=")
     if key == "pretrained.bundle" and eq and value:
       parts[i] = f"{key}={os.path.abspath(value)}"
-  spec = ",".join(parts)
-  _check_model_unchanged(workdir, spec)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, CONFIG_SPEC), "w", encoding="utf-8") as f:
-    f.write(spec + "\n")
+  return ",".join(parts)
 
 
-def _check_model_unchanged(workdir: str, spec: str) -> None:
+def check_config_spec(workdir: str, spec: str) -> None:
   """ValueError naming workdir and the differing `model.*` settings (saved -> new) when
-  workdir has checkpoints made with another model config."""
+  workdir has checkpoints made with another model config; writes nothing."""
+  spec = _absolute(spec)
   path = os.path.join(workdir, CONFIG_SPEC)
   if not (os.path.isfile(path) and _has_checkpoints(workdir)):
     return

@@ -23,6 +23,7 @@ import os
 import signal
 import threading
 import time
+from typing import Callable
 
 import jax
 import ml_collections
@@ -126,8 +127,13 @@ def _due(step: int, every: int) -> bool:
   return bool(every) and step % every == 0
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, log=print) -> dict:
-  """Run (or resume) training in workdir; returns a summary dict of measured figures."""
+def train(config: ml_collections.ConfigDict, workdir: str, log=print,
+          started: Callable[[], None] | None = None) -> dict:
+  """Run (or resume) training in workdir; returns a summary dict of measured figures.
+
+  `started` (optional) is called once the newest checkpoint, if any, has restored, before
+  the run writes anything else into workdir: a refused resume (a checkpoint of another
+  config, an I/O error) leaves workdir as it was."""
   for line in pretrained_lib.preflight(config):  # refuses a run missing what it needs
     log(line)
   if config.log.transfer_guard not in TRANSFER_GUARDS:
@@ -144,7 +150,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print) -> dict:
                                 jax.process_index(), jax.process_count())
   data_iter = iter(loader)
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
-  writer = metrics_lib.Writer(workdir, log)
   log(f"data: {source!r}, {steps_per_epoch} steps per epoch, "
       f"{pipeline.resolve_workers(config.data.workers)} decoding threads, "
       f"{config.data.prefetch} batches prefetched; mesh {dict(rt.mesh.shape)}; "
@@ -163,6 +168,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print) -> dict:
   else:
     state, step = restored
     log(f"resumed from the checkpoint of step {step}")
+  if started is not None:
+    started()
+  writer = metrics_lib.Writer(workdir, log)
   del pretrained  # its frozen networks stay in frozen_host
   frozen = runtime.place_frozen(rt, frozen_host)
   samples = _sample_images(rt, source, config.log.samples)
