@@ -57,7 +57,10 @@ def _photo_tool(args, operation: str):
   _use_compile_cache(args)
   tool = photo.Anonymizer(args.bundle, keys.load(args.key),
                           identity=getattr(args, "identity", "consistent"),
-                          codec=args.codec, layout=getattr(args, "layout", "float"))
+                          codec=args.codec, layout=getattr(args, "layout", "float"),
+                          min_face=(photo.faces.MIN_FACE if getattr(args, "min_face", None) is None
+                                    else args.min_face),
+                          small_faces=getattr(args, "small_faces", photo.DEFAULT_SMALL_FACES))
   tool.require(operation)
   return tool
 
@@ -82,7 +85,7 @@ def _file_line(r) -> str:
   if not r.ok:
     return f"FAILED  {r.error}"
   if r.video is None:
-    return f"ok  {r.input} -> {r.output} ({r.faces} face(s))"
+    return f"ok  {r.input} -> {r.output} ({r.faces} face(s))" + (f": {r.note}" if r.note else "")
   notes = "; ".join([r.video.get("note", "")] + r.video.get("warnings", []))
   return (f"ok  {r.input} -> {r.output} ({r.video['frames']} frames, {r.faces} track(s), "
           f"{r.video['frames_per_second']:.2f} frames/s)" + (f": {notes.strip('; ')}"
@@ -276,6 +279,32 @@ def _photo_arguments(p, inputs: bool = True) -> None:
   _compile_cache_argument(p)
 
 
+MIN_FACE_HELP = 64  # faces.MIN_FACE, spelled out so that --help needs no OpenCV
+
+
+def _small_face_arguments(p) -> None:
+  from g2face_jax import obscure
+  g = p.add_argument_group("small faces", "a face whose alignment square (the FFHQ crop, "
+                           "about four eye distances wide) is under --min-face pixels is too "
+                           "small for the generator: it is obscured instead, in photos and "
+                           "video tracks alike, and the file is still written")
+  g.add_argument("--min-face", type=float, metavar="PX",
+                 help="smallest alignment square side, in photo pixels, given to G2Face "
+                 f"(default {MIN_FACE_HELP})")
+  g.add_argument("--small-faces", choices=obscure.METHODS + ("g2face",), default=obscure.DEFAULT,
+                 help=f"what a smaller face gets (default {obscure.DEFAULT}). 'pixelate': the "
+                 f"face's square, enlarged by {obscure.GROW * 100:.0f}%%, becomes "
+                 f"{obscure.PIXELATE_BLOCKS}x{obscure.PIXELATE_BLOCKS} blocks of one colour "
+                 "each, about two blocks across the eyes, nose and mouth, so the face is not "
+                 "recognisable (the default, for privacy: a mild blur or a fine mosaic can be "
+                 "recognised by machines) while the scene stays readable; 'fill': the square "
+                 "in one colour (its mean), the strongest; 'blur': a Gaussian blur of sigma "
+                 f"{obscure.BLUR_SIGMA} times the square's side (weaker: keeps colours and "
+                 "coarse shapes); 'g2face': G2Face anyway on the upsampled crop (low quality, "
+                 "recoverable). Obscured faces hide no identity: `recover` leaves them as they "
+                 "are. The --json summary lists every face's method and detection score")
+
+
 def _video_arguments(p, anonymize: bool) -> None:
   g = p.add_argument_group("videos", "inputs FFmpeg reads as video (by content) give Matroska "
                            "(.mkv) outputs: same size, frame count, frame rate and timestamps; "
@@ -363,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--layout", choices=("float", "uniform"), default="float",
                  help="secure payload layout: 'float' keeps the exponent positions as the "
                  "official training bits had them (for the official weights); 'uniform' uses all bits")
+  _small_face_arguments(p)
   _video_arguments(p, anonymize=True)
   p.set_defaults(run=_anonymize)
 

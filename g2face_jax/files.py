@@ -6,7 +6,8 @@ out, with its stamp) or, when FFmpeg reads it as a video, to `video` (a
 Matroska file out); `verify_file` compares an anonymized photo with a
 reference photo. `run_files` applies one of them to every input, so that one
 bad file never stops the others, and `summary` makes the JSON record of a
-batch. Every failure is a `FileResult.error` line that names the file.
+batch (for photos, per face the method used, `g2face` or a small-face fallback,
+and the detector score). Every failure is a `FileResult.error` line that names the file.
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ class FileResult:
   cosines: list | None = None  # verify only
   match: list | None = None    # verify only
   video: dict | None = None    # videos only: `video.anonymize_video` / `recover_video` summary
+  per_face: list | None = None  # photo anonymize: per face {method, score, side} (`photo`)
+  obscured: int | None = None  # photos: faces obscured by a small-face method (not recoverable)
+  note: str | None = None
 
   @property
   def ok(self) -> bool:
@@ -48,12 +52,17 @@ def anonymize_file(tool: photo.Anonymizer, src: str, dst: str, aligned: bool = F
   apply). FileError (one line, without the input's name) on failure."""
   if _is_video(src, aligned):
     summary = video.anonymize_video(tool, src, dst, video_options or video.Options())
-    return FileResult(src, dst, faces=summary["anonymized_tracks"], video=summary)
+    return FileResult(src, dst, faces=summary["anonymized_tracks"] + summary["obscured_tracks"],
+                      obscured=summary["obscured_tracks"] or None, video=summary)
   if video_options is not None and (video_options.keep or video_options.only):
     raise FileError("--keep / --only are implemented for videos only, not yet for photos")
-  out, stamp = tool.anonymize_image(photo.read(src), aligned)
+  out, stamp, per_face = tool.anonymize_photo(photo.read(src), aligned)
   photo.write(dst, out, stamp)
-  return FileResult(src, dst, faces=max(len(stamp.quads), 1))
+  obscured = len(stamp.obscured)
+  return FileResult(src, dst, faces=len(per_face), per_face=per_face,
+                    obscured=obscured or None,
+                    note=(f"{obscured} face(s) under {tool.min_face:.0f} px obscured "
+                          f"({tool.small_faces}), not recoverable") if obscured else None)
 
 
 def recover_file(tool: photo.Anonymizer, src: str, dst: str, aligned: bool = False,
@@ -63,9 +72,13 @@ def recover_file(tool: photo.Anonymizer, src: str, dst: str, aligned: bool = Fal
   if _is_video(src, aligned):
     summary = video.recover_video(tool, src, dst, video_options or video.Options())
     return FileResult(src, dst, faces=summary["recovered_tracks"], video=summary)
-  out, n_faces = tool.recover_image(photo.read(src), photo.read_stamp(src), aligned)
+  stamp = photo.read_stamp(src)
+  out, n_faces = tool.recover_image(photo.read(src), stamp, aligned)
   photo.write(dst, out)
-  return FileResult(src, dst, faces=n_faces)
+  obscured = len(stamp.obscured) if stamp is not None else 0
+  return FileResult(src, dst, faces=n_faces, obscured=obscured or None,
+                    note=(f"{obscured} obscured face(s) skipped: not recoverable")
+                    if obscured else None)
 
 
 def verify_file(tool: photo.Anonymizer, anon: str, reference: str,

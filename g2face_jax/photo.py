@@ -8,14 +8,21 @@ from the key and the photo); the identity encoded into the 16384 hidden bits
 bits, readable by anyone with the model); decoder noise from the key; decode;
 paste back. Same key and same pixels give the same output bytes.
 
+A face whose alignment square is smaller than `min_face` is not given to the
+generator but obscured in place by the `small_faces` fallback (`obscure`:
+pixelate, fill or blur; or 'g2face', the generator anyway on the upsampled
+crop); such a face hides no identity and cannot be recovered.
+
 An anonymized photo is written as a PNG without the input's metadata, holding
 one text chunk `g2face` (STAMP_FORMAT, JSON) with what recovery needs that is
-not secret: the codec, the payload layout, the model size, `aligned` and each
-face's alignment square. Recovery without it re-detects the faces.
+not secret: the codec, the payload layout, the model size, `aligned`, each
+face's alignment square and the method that treated it. Recovery without it
+re-detects the faces.
 
-Recover, per face: extract the logits, decode the payload (a wrong key or a
-damaged payload is an error, never a face), run the decoder back to the
-identity with the extracted bits as the hidden code, paste back.
+Recover, per face anonymized by G2Face (obscured faces are skipped): extract
+the logits, decode the payload (a wrong key or a damaged payload is an error,
+never a face), run the decoder back to the identity with the extracted bits as
+the hidden code, paste back.
 Verify: cosine between the identity hidden in an anonymized photo and the
 ArcFace identity of a reference photo's largest face.
 
@@ -37,14 +44,18 @@ import jax
 import numpy as np
 
 from g2face_jax import bundle as bundle_lib
-from g2face_jax import faces, images, models, payload, pipeline
+from g2face_jax import faces, images, models, obscure, payload, pipeline
 from g2face_jax.nn import decoder
 from g2face_jax.privacy import keys, secure_payload
 
 IDENTITY_MODES = ("consistent", "random")
 CODECS = ("secure", "official")
 STAMP_KEY = "g2face"
-STAMP_FORMAT = "g2face-anonymized/1"
+STAMP_FORMAT = "g2face-anonymized/2"
+OLD_STAMP_FORMATS = ("g2face-anonymized/1",)  # still read: every face by G2Face
+GENERATOR = "g2face"  # the method of a face anonymized by the generator
+SMALL_FACES = obscure.METHODS + (GENERATOR,)  # what a face under min_face gets
+DEFAULT_SMALL_FACES = obscure.DEFAULT
 VERIFY_THRESHOLD = 0.3  # conventional ArcFace cosine threshold, not calibrated on any bundle
 NEEDS = dict(anonymize=("arcface", "recon_net", "map_2_id", "style_mapper", "decoder"),
              recover=("extractor", "recon_net", "style_mapper", "decoder"),
@@ -63,21 +74,38 @@ class Stamp:
   size: int                # model crop size
   aligned: bool            # the whole image is one aligned crop
   quads: tuple             # per face, the (4, 2) alignment square as nested lists
+  methods: tuple = ()      # per face, GENERATOR or the obscuring method; () = all GENERATOR
+
+  def method(self, face: int) -> str:
+    """How face `face` was treated: GENERATOR (recoverable) or an `obscure` method."""
+    return self.methods[face] if self.methods else GENERATOR
+
+  @property
+  def obscured(self) -> tuple:
+    """Indices of the faces that were obscured (not recoverable)."""
+    return tuple(i for i in range(len(self.quads)) if self.method(i) != GENERATOR)
 
   def to_json(self) -> str:
     return json.dumps(dict(format=STAMP_FORMAT, codec=self.codec, layout=self.layout,
-                           size=self.size, aligned=self.aligned, faces=list(self.quads)))
+                           size=self.size, aligned=self.aligned, faces=list(self.quads),
+                           methods=[self.method(i) for i in range(len(self.quads))]))
 
   @classmethod
   def from_json(cls, text: str) -> "Stamp":
     record = json.loads(text)
-    if record.get("format") != STAMP_FORMAT:
+    if record.get("format") not in (STAMP_FORMAT,) + OLD_STAMP_FORMATS:
       raise ValueError(f"unknown g2face stamp format {record.get('format')!r}")
     quads = tuple(np.asarray(q, np.float64).reshape(4, 2).tolist() for q in record["faces"])
     if record["codec"] not in CODECS:
       raise ValueError(f"unknown codec {record['codec']!r}")
+    methods = tuple(str(m) for m in record.get("methods") or ())
+    if methods and (len(methods) != len(quads) or
+                    any(m not in obscure.METHODS + (GENERATOR,) for m in methods)):
+      raise ValueError("g2face stamp: bad per-face methods")
+    if all(m == GENERATOR for m in methods):
+      methods = ()
     return cls(record["codec"], record["layout"], int(record["size"]), bool(record["aligned"]),
-               quads)
+               quads, methods)
 
 
 def photo_digest(image: np.ndarray) -> bytes:
@@ -131,21 +159,27 @@ class Anonymizer:
   bundle: a `bundle.Bundle` or its folder; key: a `keys.Key`.
   identity: 'consistent' or 'random' (virtual identity); codec: 'secure' or
   'official' (hidden bits); layout: secure payload layout; min_face: smallest
-  face (alignment square side, photo pixels) accepted. `size` is the model's
-  crop side S.
+  face (alignment square side, photo pixels) given to the generator; small_faces:
+  what a smaller face gets (SMALL_FACES: an `obscure` method, or 'g2face' for the
+  generator anyway). `size` is the model's crop side S.
   """
 
   def __init__(self, bundle, key: keys.Key, *, identity: str = "consistent",
                codec: str = "secure", layout: str = secure_payload.DEFAULT_LAYOUT,
-               min_face: float = faces.MIN_FACE):
+               min_face: float = faces.MIN_FACE, small_faces: str = DEFAULT_SMALL_FACES):
     if identity not in IDENTITY_MODES:
       raise ValueError(f"unknown identity mode '{identity}'; known: {', '.join(IDENTITY_MODES)}")
+    if small_faces not in SMALL_FACES:
+      raise ValueError(f"unknown small-face method '{small_faces}'; known: "
+                       f"{', '.join(SMALL_FACES)}")
+    if not min_face >= 0:
+      raise ValueError(f"min_face must be >= 0, got {min_face}")
     if codec not in CODECS:
       raise ValueError(f"unknown codec '{codec}'; known: {', '.join(CODECS)}")
     secure_payload.layout(layout)  # validates the name
     self.bundle = bundle if isinstance(bundle, bundle_lib.Bundle) else bundle_lib.load(bundle)
     self.key, self.identity, self.codec, self.layout = key, identity, codec, layout
-    self.min_face = min_face
+    self.min_face, self.small_faces = float(min_face), small_faces
     self.size = int(self.bundle.config.model.size)
     self.nets = models.Networks.from_config(self.bundle.config.model)
     self._variables = None
@@ -193,17 +227,22 @@ class Anonymizer:
     """The (S, S, 3) float32 crop in [-1, 1] of the (4, 2) square `quad` of a photo."""
     return faces.align(image, quad, self.size)
 
-  def detect(self, image: np.ndarray) -> list[np.ndarray]:
-    """The (4, 2) alignment squares of a photo's faces, left to right; FileError when
-    none is found or one is smaller than `min_face`."""
+  def detect_faces(self, image: np.ndarray) -> list[faces.Face]:
+    """The faces of a photo (`faces.detect`), left to right; FileError when none is found."""
     found = faces.detect(image)
     if not found:
       raise FileError("no face found")
-    small = [f.side for f in found if f.side < self.min_face]
-    if small:
-      raise FileError(f"face too small ({min(small):.0f} px, at least {self.min_face:.0f} px "
-                      f"needed; {len(found)} face(s) found)")
-    return [f.quad for f in found]
+    return found
+
+  def detect(self, image: np.ndarray) -> list[np.ndarray]:
+    """The (4, 2) alignment squares of a photo's faces, left to right; FileError when
+    none is found."""
+    return [f.quad for f in self.detect_faces(image)]
+
+  def method_for(self, side: float) -> str:
+    """GENERATOR for a face whose alignment square has `side` >= min_face pixels, else
+    the small-face method."""
+    return GENERATOR if side >= self.min_face else self.small_faces
 
   def crops(self, image: np.ndarray, aligned: bool, quads=None) -> tuple[list, list | None]:
     """(crops (S, S, 3) in [-1, 1], their squares or None when `aligned`) of a photo;
@@ -213,12 +252,20 @@ class Anonymizer:
     quads = [np.asarray(q) for q in quads] if quads else self.detect(image)
     return [self.align(image, q) for q in quads], quads
 
-  def _compose(self, image: np.ndarray, crops: Sequence[np.ndarray], quads) -> np.ndarray:
+  def _compose(self, image: np.ndarray, crops: Sequence[np.ndarray], quads,
+               methods: Sequence[str] | None = None) -> np.ndarray:
+    """Paste each crop back over its quad; a face whose method is not GENERATOR (its crop
+    None) is obscured instead, after every paste (so no paste covers it again)."""
     if quads is None:
       return images.to_uint8(crops[0])
+    methods = list(methods) if methods else [GENERATOR] * len(quads)
     out = image
-    for crop, quad in zip(crops, quads):
-      out, _ = faces.paste_back(out, crop, quad)
+    for crop, quad, method in zip(crops, quads, methods):
+      if method == GENERATOR:
+        out, _ = faces.paste_back(out, crop, quad)
+    for quad, method in zip(quads, methods):
+      if method != GENERATOR:
+        out = obscure.apply(out, quad, method)
     return out
 
   # --- the key's draws ---
@@ -303,14 +350,33 @@ class Anonymizer:
 
   # --- photos (arrays) ---
 
-  def anonymize_image(self, image: np.ndarray, aligned: bool = False) -> tuple[np.ndarray, Stamp]:
-    """(H, W, 3) uint8 photo -> (anonymized photo, stamp). FileError on a photo without usable faces."""
-    crops, quads = self.crops(image, aligned)
+  def anonymize_photo(self, image: np.ndarray, aligned: bool = False
+                      ) -> tuple[np.ndarray, Stamp, list[dict]]:
+    """(H, W, 3) uint8 photo -> (anonymized photo, stamp, per face a JSON-ready record:
+    method, detector score, side of the alignment square in pixels). Faces under
+    `min_face` get the small-face method. FileError on a photo without faces."""
     digest = photo_digest(image)
-    anons = [self._anonymize_face(c, digest + b"/face%d" % i) for i, c in enumerate(crops)]
-    stamp = Stamp(self.codec, self.stamp_layout, self.size, aligned,
-                  tuple(np.asarray(q).tolist() for q in (quads or ())))
-    return self._compose(image, anons, quads), stamp
+    if aligned:
+      crop = self.aligned_crop(image)
+      anon = self._anonymize_face(crop, digest + b"/face0")
+      stamp = Stamp(self.codec, self.stamp_layout, self.size, True, ())
+      return images.to_uint8(anon), stamp, [dict(method=GENERATOR)]
+    found = self.detect_faces(image)
+    methods = [self.method_for(f.side) for f in found]
+    anons = [self._anonymize_face(self.align(image, f.quad), digest + b"/face%d" % i)
+             if m == GENERATOR else None for i, (f, m) in enumerate(zip(found, methods))]
+    quads = [f.quad for f in found]
+    stamp = Stamp(self.codec, self.stamp_layout, self.size, False,
+                  tuple(np.asarray(q).tolist() for q in quads),
+                  () if all(m == GENERATOR for m in methods) else tuple(methods))
+    records = [dict(method=m, score=round(f.score, 4), side=round(f.side, 1))
+               for f, m in zip(found, methods)]
+    return self._compose(image, anons, quads, methods), stamp, records
+
+  def anonymize_image(self, image: np.ndarray, aligned: bool = False) -> tuple[np.ndarray, Stamp]:
+    """(H, W, 3) uint8 photo -> (anonymized photo, stamp) (`anonymize_photo`)."""
+    out, stamp, _ = self.anonymize_photo(image, aligned)
+    return out, stamp
 
   def _stamp_or_default(self, stamp: Stamp | None, aligned: bool) -> Stamp:
     if stamp is None:
@@ -321,25 +387,38 @@ class Anonymizer:
 
   def hidden_identities(self, image: np.ndarray, stamp: Stamp | None = None,
                         aligned: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per face of an anonymized photo: (identity (512,), extracted bits (512, 32))."""
+    """Per face of an anonymized photo anonymized by G2Face (obscured faces are left out):
+    (identity (512,), extracted bits (512, 32))."""
     stamp = self._stamp_or_default(stamp, aligned)
     crops, _ = self.crops(image, stamp.aligned, stamp.quads)
-    return [self._hidden_identity(c, stamp.codec, stamp.layout, i) for i, c in enumerate(crops)]
+    return [self._hidden_identity(c, stamp.codec, stamp.layout, i) for i, c in enumerate(crops)
+            if stamp.method(i) == GENERATOR]
 
   def recover_image(self, image: np.ndarray, stamp: Stamp | None = None,
                     aligned: bool = False) -> tuple[np.ndarray, int]:
-    """Anonymized (H, W, 3) uint8 photo -> (recovered photo, number of faces). FileError
+    """Anonymized (H, W, 3) uint8 photo -> (recovered photo, number of faces recovered).
+    Faces the stamp marks as obscured stay as they are (`Stamp.obscured`). FileError
     when a face's payload is missing, damaged or locked with another key."""
     stamp = self._stamp_or_default(stamp, aligned)
     crops, quads = self.crops(image, stamp.aligned, stamp.quads)
     digest = photo_digest(image)
-    recovered = []
+    recovered, n = [], 0
     for i, crop in enumerate(crops):
+      if stamp.method(i) != GENERATOR:
+        recovered.append(None)
+        continue
       identity, bits = self._hidden_identity(crop, stamp.codec, stamp.layout, i)
       out = self.restore_crops(crop[None], identity[None], bits[None],
                                self.recover_noise(digest + b"/face%d" % i))
       recovered.append(out[0])
-    return self._compose(image, recovered, quads), len(crops)
+      n += 1
+    if quads is None:
+      return images.to_uint8(recovered[0]), n
+    out = image
+    for crop, quad in zip(recovered, quads):
+      if crop is not None:
+        out, _ = faces.paste_back(out, crop, quad)
+    return out, n
 
   def reference_identity(self, image: np.ndarray, aligned: bool = False) -> np.ndarray:
     """ArcFace identity (512,) of the largest face of a reference photo (or of an aligned crop)."""

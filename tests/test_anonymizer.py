@@ -207,17 +207,21 @@ def test_bad_inputs_fail_one_line_each_and_the_rest_goes_on(capsys, tmp_path, bu
                         "--key", key_file, "--out", str(out_dir), "--json")
   assert code == 1
   summary = json.loads(out)
-  assert summary["ok"] == 1 and summary["failed"] == 4
+  assert summary["ok"] == 2 and summary["failed"] == 3
   errors = {os.path.basename(r["input"]): r["error"] for r in summary["files"] if "error" in r}
   assert "not an image" in errors["notes.jpg"]
   assert "unreadable or truncated" in errors["cut.jpg"]
   assert "no face found" in errors["plain.png"]
-  assert "face too small" in errors["small.png"]
   for name, line in errors.items():
     assert name in line and "\n" not in line and f"FAILED  {line}" in err
+  # a face too small for the generator (58 px < 64) is obscured; the file does not fail
+  small_result = [r for r in summary["files"] if r["input"].endswith("small.png")][0]
+  assert [f["method"] for f in small_result["per_face"]] == [photo.DEFAULT_SMALL_FACES]
+  assert small_result["per_face"][0]["side"] < faces.MIN_FACE
+  assert small_result["obscured"] == 1 and "obscured" in small_result["note"]
   written = sorted(os.path.relpath(os.path.join(r, f), out_dir)
                    for r, _, fs in os.walk(out_dir) for f in fs)
-  assert written == ["good.png"]  # no half-written or temporary files
+  assert written == ["good.png", os.path.join("sub", "small.png")]  # no temporary files
 
 
 def test_fatal_problems_are_one_line_errors(capsys, tmp_path, bundle_dir, no_extractor_bundle,
@@ -291,6 +295,98 @@ def test_photo_without_stamp_or_payload_is_redetected_and_reported(capsys, tmp_p
   code, out, _ = _run(capsys, "recover", GROUP, "--bundle", bundle_dir, "--key", key_file,
                       "--out", str(tmp_path / "rec"))
   assert code == 1 and f"{GROUP}: face 0: no g2face payload found" in out
+
+
+@pytest.fixture(scope="module")
+def mixed(group):
+  """The group photo at 0.4: faces of about 69 and 115 px (alignment square sides)."""
+  return cv2.resize(group, None, fx=0.4, fy=0.4, interpolation=cv2.INTER_AREA)
+
+
+@pytest.mark.parametrize("method", ["pixelate", "fill", "blur"])
+def test_small_faces_are_obscured_the_rest_anonymized_and_recovered(monkeypatch, tmp_path,
+                                                                    bundle_dir, key_file,
+                                                                    mixed, method):
+  from g2face_jax import obscure
+  perfect = PerfectExtractor(monkeypatch)
+  found = faces.detect(mixed)
+  assert len(found) == 2
+  sides = sorted(f.side for f in found)
+  min_face = (sides[0] + sides[1]) / 2
+  small = int(np.argmin([f.side for f in found]))
+  tool = photo.Anonymizer(bundle_dir, keys.load(key_file), min_face=min_face, small_faces=method)
+  anon, stamp, records = tool.anonymize_photo(mixed)
+  assert len(perfect.hidden) == 1  # only the large face went through the generator
+  assert [r["method"] for r in records] == [method if i == small else "g2face" for i in range(2)]
+  np.testing.assert_allclose([r["score"] for r in records], [f.score for f in found], atol=1e-4)
+  assert stamp.obscured == (small,) and stamp.method(small) == method
+  # the small face: exactly its enlarged square changed, as obscure does it alone
+  expected_small = obscure.apply(mixed, found[small].quad, method)
+  region = obscure.region_mask(found[small].quad, mixed.shape)
+  big_quad = found[1 - small].quad
+  far_from_big = _outside(photo.Stamp("secure", None, 32, False, (big_quad.tolist(),)),
+                          mixed.shape)
+  np.testing.assert_array_equal(anon[region & far_from_big], expected_small[region & far_from_big])
+  untouched = far_from_big & ~region
+  np.testing.assert_array_equal(anon[untouched], mixed[untouched])
+  # the stamp round-trips through the file; recovery restores the large face only
+  path = str(tmp_path / "anon.png")
+  photo.write(path, anon, stamp)
+  assert photo.read_stamp(path) == stamp
+  result = files.recover_file(tool, path, str(tmp_path / "rec.png"))
+  assert result.ok and result.faces == 1 and result.obscured == 1
+  assert "not recoverable" in result.note
+  recovered = images.read(str(tmp_path / "rec.png"))
+  np.testing.assert_array_equal(recovered[region & far_from_big], anon[region & far_from_big])
+  assert np.any(recovered[~far_from_big] != anon[~far_from_big])
+  # verify reads the generator's face only
+  assert len(tool.hidden_identities(anon, stamp)) == 1
+
+
+def test_small_faces_command_line_and_g2face_anyway(capsys, tmp_path, bundle_dir, key_file,
+                                                    mixed):
+  src = str(tmp_path / "mixed.png")
+  images.write_png(src, mixed)
+  found = faces.detect(mixed)
+  for method, expected in [("g2face", ["g2face", "g2face"]), ("fill", None)]:
+    code, out, err = _run(capsys, "anonymize", src, "--bundle", bundle_dir, "--key", key_file,
+                          "--out", str(tmp_path / method), "--json", "--min-face", "1000",
+                          "--small-faces", method)
+    assert code == 0, err
+    record = json.loads(out)["files"][0]
+    assert [f["method"] for f in record["per_face"]] == (expected or [method, method])
+    assert all(f["side"] < 1000 and isinstance(f["score"], float) for f in record["per_face"])
+    stamp = photo.read_stamp(str(tmp_path / method / "mixed.png"))
+    assert stamp.obscured == (() if method == "g2face" else (0, 1))
+  # default: pixelate under faces.MIN_FACE; both faces of `mixed` are above it
+  code, out, err = _run(capsys, "anonymize", src, "--bundle", bundle_dir, "--key", key_file,
+                        "--out", str(tmp_path / "default"), "--json")
+  assert code == 0 and all(f["method"] == "g2face" for f in json.loads(out)["files"][0]["per_face"])
+  assert all(f.side >= faces.MIN_FACE for f in found)
+  # recovering a photo whose faces were all obscured writes it unchanged and says so
+  code, out, err = _run(capsys, "recover", str(tmp_path / "fill" / "mixed.png"), "--bundle",
+                        bundle_dir, "--key", key_file, "--out", str(tmp_path / "rec"))
+  assert code == 0 and "2 obscured face(s) skipped: not recoverable" in out
+  np.testing.assert_array_equal(images.read(str(tmp_path / "rec" / "mixed.png")),
+                                images.read(str(tmp_path / "fill" / "mixed.png")))
+  help_text = cli.build_parser()._subparsers._group_actions[0].choices["anonymize"].format_help()
+  assert cli.MIN_FACE_HELP == faces.MIN_FACE
+  assert f"(default {faces.MIN_FACE})" in help_text and "--small-faces" in help_text
+  code, out, err = _run(capsys, "anonymize", src, "--bundle", bundle_dir, "--key", key_file,
+                        "--out", str(tmp_path / "x"), "--min-face", "-1")
+  assert code == 2 and "min_face must be >= 0" in err
+
+
+def test_old_stamps_are_still_read():
+  quad = [[0.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, 0.0]]
+  old = json.dumps(dict(format="g2face-anonymized/1", codec="secure", layout="float", size=32,
+                        aligned=False, faces=[quad]))
+  stamp = photo.Stamp.from_json(old)
+  assert stamp.quads == (quad,) and stamp.obscured == () and stamp.method(0) == "g2face"
+  new = photo.Stamp("secure", "float", 32, False, (quad, quad), ("g2face", "blur"))
+  assert photo.Stamp.from_json(new.to_json()) == new and new.obscured == (1,)
+  with pytest.raises(ValueError, match="methods"):
+    photo.Stamp.from_json(new.to_json().replace('"blur"', '"swirl"'))
 
 
 def test_package_exports_the_anonymizer():

@@ -223,6 +223,38 @@ def test_keep_leaves_the_reference_person_untouched(capsys, tmp_path, clip, bund
   assert code == 1 and "implemented for videos only" in out  # never silently ignored
 
 
+def test_a_track_too_small_for_the_generator_is_obscured_not_failed(tmp_path, clip, bundle_dir,
+                                                                   key_file):
+  """A track whose median square is under min_face is obscured (fill: one colour) in every
+  frame; the other track is anonymized; the file is written and only the anonymized track
+  is in the stamp."""
+  from g2face_jax import obscure
+  probe = photo.Anonymizer(bundle_dir, keys.load(key_file))
+  tracks = video.analyze(probe, clip, video.Options(batch=4)).tracks
+  sides = [t.median_side for t in tracks]
+  assert len(sides) == 2 and abs(sides[0] - sides[1]) > 2
+  small = int(np.argmin(sides))
+  tool = photo.Anonymizer(bundle_dir, keys.load(key_file), min_face=float(np.mean(sides)),
+                          small_faces="fill")
+  dst = str(tmp_path / "small.mkv")
+  result = files.anonymize_file(tool, clip, dst, video_options=video.Options(batch=4))
+  summary = result.video
+  assert [t["decision"] for t in summary["tracks"]] == \
+      ["obscured" if i == small else "anonymized" for i in range(2)]
+  assert [t["method"] for t in summary["tracks"]] == \
+      ["fill" if i == small else "g2face" for i in range(2)]
+  assert summary["obscured_tracks"] == 1 and "not recoverable" in summary["note"]
+  video_stamp = video_anonymize.read_stamp(dst)
+  assert len(video_stamp.tracks) == 1
+  for a, o in zip(_frames(dst), _frames(clip)):
+    region = obscure.region_mask(tracks[small].quad(a.index), a.rgb.shape)
+    outside = _outside(video_stamp, a.index, a.rgb.shape)
+    kept = outside & ~region
+    np.testing.assert_array_equal(a.rgb[kept], o.rgb[kept])
+    filled = a.rgb[region & outside]
+    assert len(np.unique(filled, axis=0)) == 1 and np.any(filled[0] != o.rgb[region & outside])
+
+
 def test_lossy_output_states_that_recovery_may_fail_with_the_measured_error_rate(
     capsys, tmp_path, clip, bundle_dir, key_file):
   result = _anonymize(capsys, clip, tmp_path / "lossy", bundle_dir, key_file, "--crf", "18")

@@ -15,7 +15,11 @@ Anonymize, in two passes over the decoded frames:
      and the frame is written (`io.Writer`) with its timestamp.
 Same key + same video -> the same output frames. The output carries the
 tracks' squares (`stamp`) for recovery. Tracks matching a `keep` reference
-(or not matching any `only` reference) stay as they are.
+(or not matching any `only` reference) stay as they are. A track whose median
+square is under the tool's `min_face` is obscured in every frame it covers by
+the tool's small-face method (`obscure`; 'g2face': the generator anyway); an
+obscured track hides nothing, is left out of the stamp and stays as it is on
+recovery.
 
 Recover, in two passes over the anonymized video: the extractor reads every
 frame of a track, and the track's logits are averaged over its frames before
@@ -41,7 +45,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import av
 import numpy as np
 
-from g2face_jax import faces, images, photo
+from g2face_jax import faces, images, obscure, photo
 from g2face_jax.video import io, stamp as stamp_lib, tracking
 
 MATCH_THRESHOLD = photo.VERIFY_THRESHOLD  # ArcFace cosine for --keep / --only
@@ -197,11 +201,6 @@ def analyze(tool: photo.Anonymizer, path: str, opts: Options = Options()) -> Ana
   if info.frames and info.frames != n:
     warnings.append(f"read {n} of the {info.frames} frames the container declares")
   tracks = tracking.build(runs, n, max_gap=opts.gap, window=opts.smooth)
-  small = [(i, t.median_side) for i, t in enumerate(tracks) if t.median_side < tool.min_face]
-  if small:
-    i, side = min(small, key=lambda s: s[1])
-    raise photo.FileError(f"face too small (track {i}: {side:.0f} px, at least "
-                          f"{tool.min_face:.0f} px needed; {len(tracks)} track(s) found)")
   return Analysis(info, n, digest.digest(), tracks, warnings)
 
 
@@ -218,14 +217,26 @@ def reference_identities(tool: photo.Anonymizer, paths: Sequence[str]) -> tuple:
 
 
 def _decide(tool, track: tracking.Track, opts: Options) -> tuple[str, float | None]:
-  """('anonymized' or 'kept', best reference cosine or None)."""
+  """('anonymized', 'obscured' (a small face, `tool.method_for`) or 'kept', best reference
+  cosine or None)."""
   refs = opts.keep or opts.only
-  if not refs:
-    return "anonymized", None
-  pooled = track.pooled_embedding()
-  best = max(photo.cosine(pooled, r) for r in refs)
-  match = best >= opts.match_threshold
-  return ("kept" if match == bool(opts.keep) else "anonymized"), best
+  best = None
+  if refs:
+    pooled = track.pooled_embedding()
+    best = max(photo.cosine(pooled, r) for r in refs)
+    if (best >= opts.match_threshold) == bool(opts.keep):
+      return "kept", best
+  if tool.method_for(track.median_side) != photo.GENERATOR:
+    return "obscured", best
+  return "anonymized", best
+
+
+def _obscure(chunk, tracks, out: list[np.ndarray], method: str) -> list[np.ndarray]:
+  """The frames `out` of `chunk` with every face of `tracks` obscured by `method`."""
+  out = list(out)
+  for k, t in _jobs(chunk, tracks):
+    out[k] = obscure.apply(out[k], tracks[t].quad(chunk[k].index), method)
+  return out
 
 
 # --- pass 2: anonymize and write ---
@@ -246,6 +257,7 @@ def anonymize_video(tool: photo.Anonymizer, src: str, dst: str,
   analysis = analyze(tool, src, opts)
   decisions = [_decide(tool, t, opts) for t in analysis.tracks]
   tracks = [t for t, (d, _) in zip(analysis.tracks, decisions) if d == "anonymized"]
+  obscured = [t for t, (d, _) in zip(analysis.tracks, decisions) if d == "obscured"]
   codes = [tool.face_code(t.pooled_embedding(), analysis.digest + b"/track%d" % i)
            for i, t in enumerate(tracks)]
   video_stamp = stamp_lib.VideoStamp(tool.codec, tool.stamp_layout, tool.size, analysis.frames,
@@ -271,10 +283,12 @@ def anonymize_video(tool: photo.Anonymizer, src: str, dst: str,
                             np.stack([codes[t][0][0] for _, t in jobs]),
                             np.stack([codes[t][1][0] for _, t in jobs]), *noise)[0]
             out = _paste(chunk, tracks, jobs, anon)
-            if measure:
-              composed = [dataclasses.replace(f, rgb=o) for f, o in zip(chunk, out)]
-              exact_bits.append(_batched(functools.partial(_extract_batch, tool), opts.batch,
-                                         _crops(tool, composed, tracks, jobs))[0] > 0)
+          if obscured:  # after the paste, so that no anonymized face covers it again
+            out = _obscure(chunk, obscured, out, tool.small_faces)
+          if jobs and measure:
+            composed = [dataclasses.replace(f, rgb=o) for f, o in zip(chunk, out)]
+            exact_bits.append(_batched(functools.partial(_extract_batch, tool), opts.batch,
+                                       _crops(tool, composed, tracks, jobs))[0] > 0)
           for f, o in zip(chunk, out):
             writer.write(o, f.pts, f.time_base)
           bar.update(len(chunk))
@@ -286,7 +300,7 @@ def anonymize_video(tool: photo.Anonymizer, src: str, dst: str,
   except (io.VideoError, av.FFmpegError) as e:
     raise _file_error(e) from None
   seconds = time.perf_counter() - start
-  summary = _summary(analysis, decisions, opts, seconds)
+  summary = _summary(analysis, decisions, opts, seconds, tool.small_faces)
   if measure and tracks:
     hidden = [c[1][0] for c in codes]
     summary["payload"] = measure_payload(tool, dst, video_stamp, hidden,
@@ -294,24 +308,32 @@ def anonymize_video(tool: photo.Anonymizer, src: str, dst: str,
   return summary
 
 
-def _summary(analysis: Analysis, decisions, opts: Options, seconds: float) -> dict:
+def _summary(analysis: Analysis, decisions, opts: Options, seconds: float,
+             small_faces: str) -> dict:
   info = analysis.info
   anonymized = sum(d == "anonymized" for d, _ in decisions)
+  obscured = sum(d == "obscured" for d, _ in decisions)
+  methods = dict(anonymized=photo.GENERATOR, obscured=small_faces, kept=None)
   summary = dict(
       frames=analysis.frames, width=info.width, height=info.height,
       frame_rate=str(info.rate) if info.rate else None,
       output_codec="ffv1 (lossless)" if opts.crf is None else f"h264 crf {opts.crf} (lossy)",
       audio=("kept" if opts.keep_audio else "dropped") if info.has_audio else "none",
       tracks=[dict(first=t.first, last=t.last, detected_frames=int(t.detected.sum()),
-                   decision=d, **({} if c is None else dict(reference_cosine=round(c, 4))))
+                   decision=d, median_side=round(float(t.median_side), 1),
+                   **({} if methods[d] is None else dict(method=methods[d])),
+                   **({} if c is None else dict(reference_cosine=round(c, 4))))
               for t, (d, c) in zip(analysis.tracks, decisions)],
-      anonymized_tracks=anonymized, seconds=round(seconds, 3),
+      anonymized_tracks=anonymized, obscured_tracks=obscured, seconds=round(seconds, 3),
       frames_per_second=round(analysis.frames / seconds, 3))
   if opts.crf is not None:
     summary["recovery"] = ("may fail: lossy output (--crf); see payload for the bit error rate "
                            "measured on this output")
   if not analysis.tracks:
     summary["note"] = "no face found: the output's frames equal the input's"
+  if obscured:
+    summary["note"] = (f"{obscured} track(s) of faces too small for G2Face obscured "
+                       f"({small_faces}), not recoverable")
   if analysis.warnings:
     summary["warnings"] = analysis.warnings
   return summary
