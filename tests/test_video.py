@@ -244,6 +244,14 @@ def test_a_track_too_small_for_the_generator_is_obscured_not_failed(tmp_path, cl
   assert [t["method"] for t in summary["tracks"]] == \
       ["fill" if i == small else "g2face" for i in range(2)]
   assert summary["obscured_tracks"] == 1 and "not recoverable" in summary["note"]
+  # each track's score is the mean detector score of its detections (here: every frame's
+  # detection nearest to the track's square)
+  per_frame = [faces.detect(f.rgb) for f in _frames(clip)]
+  for track, record in zip(tracks, summary["tracks"]):
+    nearest = [min(found, key=lambda f: np.abs(f.quad - track.quad(i)).sum()).score
+               for i, found in enumerate(per_frame)]
+    assert record["detected_frames"] == 8
+    assert record["score"] == pytest.approx(np.mean(nearest), abs=1e-4)
   video_stamp = video_anonymize.read_stamp(dst)
   assert len(video_stamp.tracks) == 1
   for a, o in zip(_frames(dst), _frames(clip)):

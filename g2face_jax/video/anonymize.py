@@ -161,6 +161,7 @@ class Analysis:
   digest: bytes           # SHA-256 of every frame's pixels
   tracks: list[tracking.Track]
   warnings: list[str]     # damage, a file cut short
+  scores: list[float] = dataclasses.field(default_factory=list)  # per track, mean detector score
 
 
 def analyze(tool: photo.Anonymizer, path: str, opts: Options = Options()) -> Analysis:
@@ -168,7 +169,7 @@ def analyze(tool: photo.Anonymizer, path: str, opts: Options = Options()) -> Ana
   try:
     info = io.probe(path)
     digest = hashlib.sha256(b"g2face/video/v1/")
-    runs, pending, n = [], [], 0
+    runs, pending, n, scores = [], [], 0, {}
     bar = _progress(opts, "detect", info.frames or None)
 
     def embed():
@@ -182,8 +183,9 @@ def analyze(tool: photo.Anonymizer, path: str, opts: Options = Options()) -> Ana
     for frame in reader:
       digest.update(b"%dx%dx3/" % frame.rgb.shape[:2] + frame.rgb.tobytes())
       if frame.index % opts.detect_every == 0:
-        found = [tracking.Observation(frame.index, f.quad.astype(np.float32))
-                 for f in faces.detect(frame.rgb)]
+        detected = faces.detect(frame.rgb)
+        found = [tracking.Observation(frame.index, f.quad.astype(np.float32)) for f in detected]
+        scores.update((id(o), f.score) for o, f in zip(found, detected))
         pending += [(o, tool.align(frame.rgb, o.quad)) for o in found]
         runs.append(found)
         if len(pending) >= opts.batch:
@@ -201,7 +203,8 @@ def analyze(tool: photo.Anonymizer, path: str, opts: Options = Options()) -> Ana
   if info.frames and info.frames != n:
     warnings.append(f"read {n} of the {info.frames} frames the container declares")
   tracks = tracking.build(runs, n, max_gap=opts.gap, window=opts.smooth)
-  return Analysis(info, n, digest.digest(), tracks, warnings)
+  track_scores = [float(np.mean([scores[id(o)] for o in t.observations])) for t in tracks]
+  return Analysis(info, n, digest.digest(), tracks, warnings, track_scores)
 
 
 def reference_identities(tool: photo.Anonymizer, paths: Sequence[str]) -> tuple:
@@ -321,9 +324,10 @@ def _summary(analysis: Analysis, decisions, opts: Options, seconds: float,
       audio=("kept" if opts.keep_audio else "dropped") if info.has_audio else "none",
       tracks=[dict(first=t.first, last=t.last, detected_frames=int(t.detected.sum()),
                    decision=d, median_side=round(float(t.median_side), 1),
+                   score=round(score, 4),
                    **({} if methods[d] is None else dict(method=methods[d])),
                    **({} if c is None else dict(reference_cosine=round(c, 4))))
-              for t, (d, c) in zip(analysis.tracks, decisions)],
+              for t, (d, c), score in zip(analysis.tracks, decisions, analysis.scores)],
       anonymized_tracks=anonymized, obscured_tracks=obscured, seconds=round(seconds, 3),
       frames_per_second=round(analysis.frames / seconds, 3))
   if opts.crf is not None:
