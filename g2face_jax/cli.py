@@ -66,16 +66,19 @@ def _photo_tool(args, operation: str):
 
 
 def _video_options(args, tool):
-  """anonymize / recover: the settings that apply to video inputs."""
+  """anonymize / recover: the settings that apply to video inputs (and --keep / --only,
+  which apply to photos too)."""
   from tqdm import tqdm
 
   from g2face_jax import video
   keep, only = getattr(args, "keep", None) or (), getattr(args, "only", None) or ()
+  if (keep or only) and args.aligned:
+    raise ValueError("--keep / --only need detected faces, not --aligned crops")
   return video.Options(
       crf=getattr(args, "crf", None), keep_audio=args.keep_audio,
       detect_every=getattr(args, "detect_every", 1), batch=args.batch,
       measure=True if getattr(args, "measure_payload", False) else None,
-      keep=video.reference_identities(tool, keep), only=video.reference_identities(tool, only),
+      keep=tool.reference_identities(keep), only=tool.reference_identities(only),
       match_threshold=getattr(args, "match_threshold", video.MATCH_THRESHOLD),
       progress=lambda desc, total: tqdm(total=total, desc=desc, unit="frame", file=sys.stderr,
                                         disable=None, leave=False))
@@ -324,12 +327,17 @@ def _video_arguments(p, anonymize: bool) -> None:
   g.add_argument("--detect-every", type=int, default=1, metavar="K",
                  help="run the face detector on every K-th frame only; tracks fill in between "
                  "(default 1)")
+  g = p.add_argument_group("people", "in photos and video tracks alike: a face whose ArcFace "
+                           "identity matches a reference photo's largest face is left "
+                           "byte-identical (method 'kept' in the --json summary and the stamp; "
+                           "recover skips it)")
   people = g.add_mutually_exclusive_group()
   people.add_argument("--keep", nargs="+", metavar="PHOTO",
                       help="leave the people of these photos (largest face each) as they are, "
                       "e.g. a consenting interviewer (ArcFace cosine >= --match-threshold)")
   people.add_argument("--only", nargs="+", metavar="PHOTO",
-                      help="anonymize only the people of these photos")
+                      help="anonymize only the people of these photos; every other face is "
+                      "left as it is")
   g.add_argument("--match-threshold", type=float, default=0.3,
                  help="ArcFace cosine from which a face is the reference person (default 0.3, "
                  "a conventional ArcFace value: calibrate it)")

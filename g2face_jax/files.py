@@ -6,8 +6,9 @@ out, with its stamp) or, when FFmpeg reads it as a video, to `video` (a
 Matroska file out); `verify_file` compares an anonymized photo with a
 reference photo. `run_files` applies one of them to every input, so that one
 bad file never stops the others, and `summary` makes the JSON record of a
-batch (for photos, per face the method used, `g2face` or a small-face fallback,
-and the detector score). Every failure is a `FileResult.error` line that names the file.
+batch (for photos, per face the method used, `g2face`, a small-face fallback or
+`kept` (--keep / --only), and the detector score). Every failure is a
+`FileResult.error` line that names the file.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ class FileResult:
   video: dict | None = None    # videos only: `video.anonymize_video` / `recover_video` summary
   per_face: list | None = None  # photo anonymize: per face {method, score, side} (`photo`)
   obscured: int | None = None  # photos: faces obscured by a small-face method (not recoverable)
+  kept: int | None = None      # photos: faces left as they are (--keep / --only)
   note: str | None = None
 
   @property
@@ -48,21 +50,25 @@ def _is_video(path: str, aligned: bool) -> bool:
 
 def anonymize_file(tool: photo.Anonymizer, src: str, dst: str, aligned: bool = False,
                    video_options: video.Options | None = None) -> FileResult:
-  """A photo -> PNG with its stamp, or a video (by content) -> Matroska (`video.Options`
-  apply). FileError (one line, without the input's name) on failure."""
+  """A photo -> PNG with its stamp, or a video (by content) -> Matroska. `video.Options`
+  apply to videos; its keep / only / match_threshold to photos too. FileError (one line,
+  without the input's name) on failure."""
   if _is_video(src, aligned):
     summary = video.anonymize_video(tool, src, dst, video_options or video.Options())
     return FileResult(src, dst, faces=summary["anonymized_tracks"] + summary["obscured_tracks"],
                       obscured=summary["obscured_tracks"] or None, video=summary)
-  if video_options is not None and (video_options.keep or video_options.only):
-    raise FileError("--keep / --only are implemented for videos only, not yet for photos")
-  out, stamp, per_face = tool.anonymize_photo(photo.read(src), aligned)
+  opts = video_options or video.Options()
+  out, stamp, per_face = tool.anonymize_photo(photo.read(src), aligned, keep=opts.keep,
+                                              only=opts.only,
+                                              match_threshold=opts.match_threshold)
   photo.write(dst, out, stamp)
-  obscured = len(stamp.obscured)
+  obscured, kept = len(stamp.obscured), len(stamp.kept)
+  notes = ([f"{obscured} face(s) under {tool.min_face:.0f} px obscured ({tool.small_faces}), "
+            "not recoverable"] if obscured else []) + (
+      [f"{kept} face(s) kept as they are (--{'keep' if opts.keep else 'only'})"] if kept else [])
   return FileResult(src, dst, faces=len(per_face), per_face=per_face,
-                    obscured=obscured or None,
-                    note=(f"{obscured} face(s) under {tool.min_face:.0f} px obscured "
-                          f"({tool.small_faces}), not recoverable") if obscured else None)
+                    obscured=obscured or None, kept=kept or None,
+                    note="; ".join(notes) or None)
 
 
 def recover_file(tool: photo.Anonymizer, src: str, dst: str, aligned: bool = False,
@@ -76,9 +82,11 @@ def recover_file(tool: photo.Anonymizer, src: str, dst: str, aligned: bool = Fal
   out, n_faces = tool.recover_image(photo.read(src), stamp, aligned)
   photo.write(dst, out)
   obscured = len(stamp.obscured) if stamp is not None else 0
-  return FileResult(src, dst, faces=n_faces, obscured=obscured or None,
-                    note=(f"{obscured} obscured face(s) skipped: not recoverable")
-                    if obscured else None)
+  kept = len(stamp.kept) if stamp is not None else 0
+  notes = ([f"{obscured} obscured face(s) skipped: not recoverable"] if obscured else []) + (
+      [f"{kept} kept face(s) left as they are"] if kept else [])
+  return FileResult(src, dst, faces=n_faces, obscured=obscured or None, kept=kept or None,
+                    note="; ".join(notes) or None)
 
 
 def verify_file(tool: photo.Anonymizer, anon: str, reference: str,

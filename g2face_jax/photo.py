@@ -11,7 +11,10 @@ paste back. Same key and same pixels give the same output bytes.
 A face whose alignment square is smaller than `min_face` is not given to the
 generator but obscured in place by the `small_faces` fallback (`obscure`:
 pixelate, fill or blur; or 'g2face', the generator anyway on the upsampled
-crop); such a face hides no identity and cannot be recovered.
+crop); such a face hides no identity and cannot be recovered. With `keep`
+reference identities, the faces whose ArcFace identity matches one (cosine >=
+the match threshold) are left as they are (method KEPT); with `only`, the
+faces that match none are.
 
 An anonymized photo is written as a PNG without the input's metadata, holding
 one text chunk `g2face` (STAMP_FORMAT, JSON) with what recovery needs that is
@@ -19,7 +22,7 @@ not secret: the codec, the payload layout, the model size, `aligned`, each
 face's alignment square and the method that treated it. Recovery without it
 re-detects the faces.
 
-Recover, per face anonymized by G2Face (obscured faces are skipped): extract
+Recover, per face anonymized by G2Face (obscured and kept faces are skipped): extract
 the logits, decode the payload (a wrong key or a damaged payload is an error,
 never a face), run the decoder back to the identity with the extracted bits as
 the hidden code, paste back.
@@ -54,9 +57,11 @@ STAMP_KEY = "g2face"
 STAMP_FORMAT = "g2face-anonymized/2"
 OLD_STAMP_FORMATS = ("g2face-anonymized/1",)  # still read: every face by G2Face
 GENERATOR = "g2face"  # the method of a face anonymized by the generator
+KEPT = "kept"  # the method of a face left as it is (--keep / --only)
 SMALL_FACES = obscure.METHODS + (GENERATOR,)  # what a face under min_face gets
 DEFAULT_SMALL_FACES = obscure.DEFAULT
 VERIFY_THRESHOLD = 0.3  # conventional ArcFace cosine threshold, not calibrated on any bundle
+MATCH_THRESHOLD = VERIFY_THRESHOLD  # ArcFace cosine from which a face is a --keep/--only person
 NEEDS = dict(anonymize=("arcface", "recon_net", "map_2_id", "style_mapper", "decoder"),
              recover=("extractor", "recon_net", "style_mapper", "decoder"),
              verify=("extractor", "arcface"))
@@ -74,16 +79,22 @@ class Stamp:
   size: int                # model crop size
   aligned: bool            # the whole image is one aligned crop
   quads: tuple             # per face, the (4, 2) alignment square as nested lists
-  methods: tuple = ()      # per face, GENERATOR or the obscuring method; () = all GENERATOR
+  methods: tuple = ()      # per face, GENERATOR, KEPT or the obscuring method; () = all GENERATOR
 
   def method(self, face: int) -> str:
-    """How face `face` was treated: GENERATOR (recoverable) or an `obscure` method."""
+    """How face `face` was treated: GENERATOR (recoverable), KEPT (left as it is) or an
+    `obscure` method."""
     return self.methods[face] if self.methods else GENERATOR
 
   @property
   def obscured(self) -> tuple:
     """Indices of the faces that were obscured (not recoverable)."""
-    return tuple(i for i in range(len(self.quads)) if self.method(i) != GENERATOR)
+    return tuple(i for i in range(len(self.quads)) if self.method(i) in obscure.METHODS)
+
+  @property
+  def kept(self) -> tuple:
+    """Indices of the faces left as they are (nothing to recover)."""
+    return tuple(i for i in range(len(self.quads)) if self.method(i) == KEPT)
 
   def to_json(self) -> str:
     return json.dumps(dict(format=STAMP_FORMAT, codec=self.codec, layout=self.layout,
@@ -100,7 +111,7 @@ class Stamp:
       raise ValueError(f"unknown codec {record['codec']!r}")
     methods = tuple(str(m) for m in record.get("methods") or ())
     if methods and (len(methods) != len(quads) or
-                    any(m not in obscure.METHODS + (GENERATOR,) for m in methods)):
+                    any(m not in obscure.METHODS + (GENERATOR, KEPT) for m in methods)):
       raise ValueError("g2face stamp: bad per-face methods")
     if all(m == GENERATOR for m in methods):
       methods = ()
@@ -119,6 +130,21 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
   """Cosine of two identity vectors (512,), in float64."""
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
+
+
+def reference_match(identity: np.ndarray, keep: Sequence[np.ndarray] = (),
+                    only: Sequence[np.ndarray] = (),
+                    threshold: float = MATCH_THRESHOLD) -> tuple[bool, float | None]:
+  """(whether a face of ArcFace `identity` (512,) is left as it is, its best cosine with
+  the reference identities or None without references): with `keep` references, when
+  a cosine reaches `threshold`; with `only` references, when none does."""
+  if keep and only:
+    raise ValueError("give --keep or --only, not both")
+  refs = keep or only
+  if not refs:
+    return False, None
+  best = max(cosine(identity, r) for r in refs)
+  return (best >= threshold) == bool(keep), best
 
 
 def read(path: str) -> np.ndarray:
@@ -254,8 +280,9 @@ class Anonymizer:
 
   def _compose(self, image: np.ndarray, crops: Sequence[np.ndarray], quads,
                methods: Sequence[str] | None = None) -> np.ndarray:
-    """Paste each crop back over its quad; a face whose method is not GENERATOR (its crop
-    None) is obscured instead, after every paste (so no paste covers it again)."""
+    """Paste each crop back over its quad; a face with an `obscure` method (its crop None)
+    is obscured instead, after every paste (so no paste covers it again); a KEPT face is
+    left as it is."""
     if quads is None:
       return images.to_uint8(crops[0])
     methods = list(methods) if methods else [GENERATOR] * len(quads)
@@ -264,7 +291,7 @@ class Anonymizer:
       if method == GENERATOR:
         out, _ = faces.paste_back(out, crop, quad)
     for quad, method in zip(quads, methods):
-      if method != GENERATOR:
+      if method in obscure.METHODS:
         out = obscure.apply(out, quad, method)
     return out
 
@@ -350,27 +377,42 @@ class Anonymizer:
 
   # --- photos (arrays) ---
 
-  def anonymize_photo(self, image: np.ndarray, aligned: bool = False
+  def anonymize_photo(self, image: np.ndarray, aligned: bool = False, *,
+                      keep: Sequence[np.ndarray] = (), only: Sequence[np.ndarray] = (),
+                      match_threshold: float = MATCH_THRESHOLD
                       ) -> tuple[np.ndarray, Stamp, list[dict]]:
     """(H, W, 3) uint8 photo -> (anonymized photo, stamp, per face a JSON-ready record:
-    method, detector score, side of the alignment square in pixels). Faces under
-    `min_face` get the small-face method. FileError on a photo without faces."""
+    method, detector score, side of the alignment square in pixels, and with references
+    the best reference cosine). `keep` / `only`: reference identities (512,)
+    (`reference_identities`); the faces they leave as they are (`reference_match`, on the
+    ArcFace identities of all the photo's faces in one batch) get KEPT and are not
+    touched by their own treatment (a neighbour's square that overlaps them still is).
+    Other faces under `min_face` get the small-face method. FileError on a photo without
+    faces, or with references on an `aligned` crop."""
     digest = photo_digest(image)
+    refs = bool(keep) or bool(only)
     if aligned:
+      if refs:
+        raise FileError("--keep / --only need detected faces, not --aligned crops")
       crop = self.aligned_crop(image)
       anon = self._anonymize_face(crop, digest + b"/face0")
       stamp = Stamp(self.codec, self.stamp_layout, self.size, True, ())
       return images.to_uint8(anon), stamp, [dict(method=GENERATOR)]
     found = self.detect_faces(image)
-    methods = [self.method_for(f.side) for f in found]
-    anons = [self._anonymize_face(self.align(image, f.quad), digest + b"/face%d" % i)
-             if m == GENERATOR else None for i, (f, m) in enumerate(zip(found, methods))]
+    crops = [self.align(image, f.quad) for f in found]
+    matches = ([reference_match(i, keep, only, match_threshold)
+                for i in self.identities(np.stack(crops))] if refs else
+               [(False, None)] * len(found))
+    methods = [KEPT if kept else self.method_for(f.side) for f, (kept, _) in zip(found, matches)]
+    anons = [self._anonymize_face(c, digest + b"/face%d" % i) if m == GENERATOR else None
+             for i, (c, m) in enumerate(zip(crops, methods))]
     quads = [f.quad for f in found]
     stamp = Stamp(self.codec, self.stamp_layout, self.size, False,
                   tuple(np.asarray(q).tolist() for q in quads),
                   () if all(m == GENERATOR for m in methods) else tuple(methods))
-    records = [dict(method=m, score=round(f.score, 4), side=round(f.side, 1))
-               for f, m in zip(found, methods)]
+    records = [dict(method=m, score=round(f.score, 4), side=round(f.side, 1),
+                    **({} if best is None else dict(reference_cosine=round(best, 4))))
+               for f, m, (_, best) in zip(found, methods, matches)]
     return self._compose(image, anons, quads, methods), stamp, records
 
   def anonymize_image(self, image: np.ndarray, aligned: bool = False) -> tuple[np.ndarray, Stamp]:
@@ -387,8 +429,8 @@ class Anonymizer:
 
   def hidden_identities(self, image: np.ndarray, stamp: Stamp | None = None,
                         aligned: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per face of an anonymized photo anonymized by G2Face (obscured faces are left out):
-    (identity (512,), extracted bits (512, 32))."""
+    """Per face of an anonymized photo anonymized by G2Face (obscured and kept faces are
+    left out): (identity (512,), extracted bits (512, 32))."""
     stamp = self._stamp_or_default(stamp, aligned)
     crops, _ = self.crops(image, stamp.aligned, stamp.quads)
     return [self._hidden_identity(c, stamp.codec, stamp.layout, i) for i, c in enumerate(crops)
@@ -397,7 +439,7 @@ class Anonymizer:
   def recover_image(self, image: np.ndarray, stamp: Stamp | None = None,
                     aligned: bool = False) -> tuple[np.ndarray, int]:
     """Anonymized (H, W, 3) uint8 photo -> (recovered photo, number of faces recovered).
-    Faces the stamp marks as obscured stay as they are (`Stamp.obscured`). FileError
+    Faces the stamp marks as obscured or kept stay as they are. FileError
     when a face's payload is missing, damaged or locked with another key."""
     stamp = self._stamp_or_default(stamp, aligned)
     crops, quads = self.crops(image, stamp.aligned, stamp.quads)
@@ -428,6 +470,17 @@ class Anonymizer:
       quad = max(self.detect(image), key=lambda q: np.linalg.norm(q[3] - q[0]))
       crop = self.align(image, quad)
     return np.asarray(self.stages.analyze(crop[None])["arc_id"][0])
+
+  def reference_identities(self, paths: Sequence[str]) -> tuple:
+    """ArcFace identities (512,) of the largest face of each reference photo (--keep /
+    --only); FileError naming the photo."""
+    out = []
+    for path in paths:
+      try:
+        out.append(self.reference_identity(images.read(path)))
+      except (images.ImageError, FileError) as e:
+        raise FileError(f"reference {path}: {str(e).removeprefix(path + ': ')}") from None
+    return tuple(out)
 
   def verify_image(self, anon: np.ndarray, reference: np.ndarray, stamp: Stamp | None = None,
                    aligned: bool = False) -> list[float]:

@@ -218,9 +218,6 @@ def test_keep_leaves_the_reference_person_untouched(capsys, tmp_path, clip, bund
     np.testing.assert_array_equal(a.rgb[right_half], o.rgb[right_half])
   result = _anonymize(capsys, clip, tmp_path / "o", bundle_dir, key_file, "--only", right)
   assert [t["decision"] for t in result["video"]["tracks"]] == ["kept", "anonymized"]
-  code, out, _ = _run(capsys, "anonymize", GROUP, "--keep", right, "--bundle", bundle_dir,
-                      "--key", key_file, "--out", str(tmp_path / "photo"))
-  assert code == 1 and "implemented for videos only" in out  # never silently ignored
 
 
 def test_a_track_too_small_for_the_generator_is_obscured_not_failed(tmp_path, clip, bundle_dir,

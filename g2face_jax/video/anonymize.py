@@ -45,10 +45,10 @@ from typing import Callable, Iterable, Iterator, Sequence
 import av
 import numpy as np
 
-from g2face_jax import faces, images, obscure, photo
+from g2face_jax import faces, obscure, photo
 from g2face_jax.video import io, stamp as stamp_lib, tracking
 
-MATCH_THRESHOLD = photo.VERIFY_THRESHOLD  # ArcFace cosine for --keep / --only
+MATCH_THRESHOLD = photo.MATCH_THRESHOLD  # ArcFace cosine for --keep / --only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,28 +207,13 @@ def analyze(tool: photo.Anonymizer, path: str, opts: Options = Options()) -> Ana
   return Analysis(info, n, digest.digest(), tracks, warnings, track_scores)
 
 
-def reference_identities(tool: photo.Anonymizer, paths: Sequence[str]) -> tuple:
-  """ArcFace identities (512,) of the largest face of each reference photo (--keep/--only);
-  FileError naming the photo."""
-  out = []
-  for path in paths:
-    try:
-      out.append(tool.reference_identity(images.read(path)))
-    except (images.ImageError, photo.FileError) as e:
-      raise photo.FileError(f"reference {path}: {str(e).removeprefix(path + ': ')}") from None
-  return tuple(out)
-
-
 def _decide(tool, track: tracking.Track, opts: Options) -> tuple[str, float | None]:
   """('anonymized', 'obscured' (a small face, `tool.method_for`) or 'kept', best reference
   cosine or None)."""
-  refs = opts.keep or opts.only
-  best = None
-  if refs:
-    pooled = track.pooled_embedding()
-    best = max(photo.cosine(pooled, r) for r in refs)
-    if (best >= opts.match_threshold) == bool(opts.keep):
-      return "kept", best
+  kept, best = photo.reference_match(track.pooled_embedding(), opts.keep, opts.only,
+                                     opts.match_threshold)
+  if kept:
+    return "kept", best
   if tool.method_for(track.median_side) != photo.GENERATOR:
     return "obscured", best
   return "anonymized", best
