@@ -13,22 +13,12 @@ from g2face_jax import faces, files, images, photo
 from g2face_jax.privacy import keys
 
 from test_anonymizer import GROUP, PerfectExtractor, _outside, _run
+from test_video import references  # noqa: F401  (the group photo's two people, one photo each)
 
 
 @pytest.fixture(scope="module")
 def group():
   return images.read(GROUP)
-
-
-@pytest.fixture(scope="module")
-def references(tmp_path_factory, group):
-  """The left and the right person of the group photo, one photo each."""
-  folder = tmp_path_factory.mktemp("refs")
-  paths = []
-  for name, half in (("left", group[:, :320]), ("right", group[:, 320:])):
-    paths.append(str(folder / f"{name}.png"))
-    images.write_png(paths[-1], half)
-  return paths
 
 
 @pytest.fixture(scope="module")
