@@ -12,18 +12,8 @@ import pytest
 from g2face_jax import faces, files, images, photo
 from g2face_jax.privacy import keys
 
-from test_anonymizer import GROUP, PerfectExtractor, _outside, _run
+from test_anonymizer import GROUP, PerfectExtractor, _outside, _run, group, tool  # noqa: F401
 from test_video import references  # noqa: F401  (the group photo's two people, one photo each)
-
-
-@pytest.fixture(scope="module")
-def group():
-  return images.read(GROUP)
-
-
-@pytest.fixture(scope="module")
-def tool(bundle_dir, key_file):
-  return photo.Anonymizer(bundle_dir, keys.load(key_file))
 
 
 def _face_mask(quad, shape):
