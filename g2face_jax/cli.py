@@ -213,9 +213,8 @@ def _use_compile_cache(args) -> None:
 
 def _train(args) -> int:
   from g2face_jax import config as config_lib
-  from g2face_jax.train import export, loop, pretrained
+  from g2face_jax.train import export, loop
   config = config_lib.load(args.config)
-  pretrained.preflight(config)  # a refused run writes nothing (train logs what it says)
   explicit = (args.coordinator, args.num_processes, args.process_id)
   if any(v is not None for v in explicit) and None in explicit:
     raise ValueError("--coordinator, --num-processes and --process-id go together")
