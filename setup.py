@@ -12,6 +12,8 @@ setup(
     # configs/ sits at the top of the repository and installs inside the package, so
     # `--config paper` finds it after any install (editable, wheel or git URL)
     package_dir={"g2face_jax.configs": "configs"},
+    # the CenterFace detector's converted weights, their provenance and licence
+    package_data={"g2face_jax.weights": ["centerface.msgpack", "README.md", "LICENSE-centerface"]},
     install_requires=[
         "jax>=0.10",
         "flax>=0.12",
@@ -39,7 +41,9 @@ setup(
         # TPU runtime: `g2face compile` describes TPU slices and compiles for them without a TPU
         "tpu": ["libtpu>=0.0.52"],
         "dev": ["pytest>=8", "pytest-xdist>=3.6", "scikit-image>=0.24", "nbclient>=0.10",
-                "nbformat>=5.10", "ipykernel>=6.29"],
+                "nbformat>=5.10", "ipykernel>=6.29",
+                # CenterFace's ONNX model run as the reference of the converted detector
+                "onnx>=1.17", "onnxruntime>=1.20"],
     },
     entry_points={"console_scripts": ["g2face=g2face_jax.cli:main"]},
 )

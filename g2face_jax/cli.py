@@ -60,7 +60,8 @@ def _photo_tool(args, operation: str):
                           codec=args.codec, layout=getattr(args, "layout", "float"),
                           min_face=(photo.faces.MIN_FACE if getattr(args, "min_face", None) is None
                                     else args.min_face),
-                          small_faces=getattr(args, "small_faces", photo.DEFAULT_SMALL_FACES))
+                          small_faces=getattr(args, "small_faces", photo.DEFAULT_SMALL_FACES),
+                          threshold=getattr(args, "detect_threshold", photo.detection.THRESHOLD))
   tool.require(operation)
   return tool
 
@@ -282,13 +283,22 @@ def _photo_arguments(p, inputs: bool = True) -> None:
 
 
 MIN_FACE_HELP = 64  # faces.MIN_FACE, spelled out so that --help needs no OpenCV
+THRESHOLD_HELP = 0.3  # detection.THRESHOLD, spelled out so that --help needs no JAX
+
+
+def _detection_argument(p) -> None:
+  p.add_argument("--threshold", dest="detect_threshold", type=float, default=THRESHOLD_HELP,
+                 metavar="T", help="face detection score (CenterFace, 0 to 1) from which a face "
+                 f"counts (default {THRESHOLD_HELP}, chosen for recall: a missed face is left "
+                 "in the clear); higher finds fewer false faces, and misses more real ones")
 
 
 def _small_face_arguments(p) -> None:
   from g2face_jax import obscure
   g = p.add_argument_group("small faces", "a face whose alignment square (the FFHQ crop, "
-                           "about four eye distances wide) is under --min-face pixels is too "
-                           "small for the generator: it is obscured instead, in photos and "
+                           "about four eye distances wide) is under --min-face pixels, or a "
+                           "photo's face turned about 45 degrees or more (nose beyond an eye), "
+                           "is not for the generator: it is obscured instead, in photos and "
                            "video tracks alike, and the file is still written")
   g.add_argument("--min-face", type=float, metavar="PX",
                  help="smallest alignment square side, in photo pixels, given to G2Face "
@@ -399,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--layout", choices=("float", "uniform"), default="float",
                  help="secure payload layout: 'float' keeps the exponent positions as the "
                  "official training bits had them (for the official weights); 'uniform' uses all bits")
+  _detection_argument(p)
   _small_face_arguments(p)
   _video_arguments(p, anonymize=True)
   p.set_defaults(run=_anonymize)
@@ -407,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
   _photo_arguments(p)
   p.add_argument("--codec", choices=("secure", "official"), default="secure",
                  help="code to read when a file has no g2face stamp (default secure)")
+  _detection_argument(p)
   _video_arguments(p, anonymize=False)
   p.set_defaults(run=_recover)
 

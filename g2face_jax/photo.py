@@ -8,10 +8,14 @@ from the key and the photo); the identity encoded into the 16384 hidden bits
 bits, readable by anyone with the model); decoder noise from the key; decode;
 paste back. Same key and same pixels give the same output bytes.
 
-A face whose alignment square is smaller than `min_face` is not given to the
+Faces are found by CenterFace (`faces.detect_batch`, scores above `threshold`).
+A face whose alignment square is smaller than `min_face`, or that is turned
+further than `faces.MAX_PROFILE` (`faces.profile`), is not given to the
 generator but obscured in place by the `small_faces` fallback (`obscure`:
-pixelate, fill or blur; or 'g2face', the generator anyway on the upsampled
-crop); such a face hides no identity and cannot be recovered. With `keep`
+pixelate, fill or blur; or 'g2face', the generator anyway); such a face hides
+no identity and cannot be recovered. The generator's faces of a photo run as
+batches (`in_batches`); each is pasted back through the face-shaped mask
+(`faces.face_mask`), so pixels away from the faces keep their bytes. With `keep`
 reference identities, the faces whose ArcFace identity matches one (cosine >=
 the match threshold) are left as they are (method KEPT); with `only`, the
 faces that match none are.
@@ -47,7 +51,7 @@ import jax
 import numpy as np
 
 from g2face_jax import bundle as bundle_lib
-from g2face_jax import faces, images, models, obscure, payload, pipeline
+from g2face_jax import detection, faces, images, models, obscure, payload, pipeline
 from g2face_jax.nn import decoder
 from g2face_jax.privacy import keys, secure_payload
 
@@ -60,6 +64,7 @@ GENERATOR = "g2face"  # the method of a face anonymized by the generator
 KEPT = "kept"  # the method of a face left as it is (--keep / --only)
 SMALL_FACES = obscure.METHODS + (GENERATOR,)  # what a face under min_face gets
 DEFAULT_SMALL_FACES = obscure.DEFAULT
+MAX_BATCH = 16  # most faces of a photo per jitted call (`in_batches`)
 VERIFY_THRESHOLD = 0.3  # conventional ArcFace cosine threshold, not calibrated on any bundle
 MATCH_THRESHOLD = VERIFY_THRESHOLD  # ArcFace cosine from which a face is a --keep/--only person
 NEEDS = dict(anonymize=("arcface", "recon_net", "map_2_id", "style_mapper", "decoder"),
@@ -69,6 +74,19 @@ NEEDS = dict(anonymize=("arcface", "recon_net", "map_2_id", "style_mapper", "dec
 
 class FileError(ValueError):
   """One input's failure, as one line."""
+
+
+def in_batches(fn, *columns: np.ndarray, largest: int = MAX_BATCH) -> tuple[np.ndarray, ...]:
+  """fn(*rows) -> a tuple of (rows, ...) arrays, over all n rows of the columns in
+  chunks whose sizes are powers of two up to `largest` (the binary digits of n: no
+  padding, few compiled shapes). Every chunk is dispatched before any result is read,
+  so the device works while the host slices; returns the outputs joined, on the host."""
+  n, start, outs = len(columns[0]), 0, []
+  while start < n:
+    size = min(largest, 1 << ((n - start).bit_length() - 1))
+    outs.append(fn(*[c[start:start + size] for c in columns]))
+    start += size
+  return tuple(np.concatenate([np.asarray(o) for o in col]) for col in zip(*outs))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,13 +204,15 @@ class Anonymizer:
   identity: 'consistent' or 'random' (virtual identity); codec: 'secure' or
   'official' (hidden bits); layout: secure payload layout; min_face: smallest
   face (alignment square side, photo pixels) given to the generator; small_faces:
-  what a smaller face gets (SMALL_FACES: an `obscure` method, or 'g2face' for the
-  generator anyway). `size` is the model's crop side S.
+  what a smaller (or turned) face gets (SMALL_FACES: an `obscure` method, or 'g2face'
+  for the generator anyway); threshold: CenterFace's score from which a face is
+  detected. `size` is the model's crop side S.
   """
 
   def __init__(self, bundle, key: keys.Key, *, identity: str = "consistent",
                codec: str = "secure", layout: str = secure_payload.DEFAULT_LAYOUT,
-               min_face: float = faces.MIN_FACE, small_faces: str = DEFAULT_SMALL_FACES):
+               min_face: float = faces.MIN_FACE, small_faces: str = DEFAULT_SMALL_FACES,
+               threshold: float = detection.THRESHOLD):
     if identity not in IDENTITY_MODES:
       raise ValueError(f"unknown identity mode '{identity}'; known: {', '.join(IDENTITY_MODES)}")
     if small_faces not in SMALL_FACES:
@@ -203,6 +223,7 @@ class Anonymizer:
     if codec not in CODECS:
       raise ValueError(f"unknown codec '{codec}'; known: {', '.join(CODECS)}")
     secure_payload.layout(layout)  # validates the name
+    self.detector = detection.Detector(threshold)
     self.bundle = bundle if isinstance(bundle, bundle_lib.Bundle) else bundle_lib.load(bundle)
     self.key, self.identity, self.codec, self.layout = key, identity, codec, layout
     self.min_face, self.small_faces = float(min_face), small_faces
@@ -253,9 +274,14 @@ class Anonymizer:
     """The (S, S, 3) float32 crop in [-1, 1] of the (4, 2) square `quad` of a photo."""
     return faces.align(image, quad, self.size)
 
+  def detect_batch(self, photos: Sequence[np.ndarray]) -> list[list[faces.Face]]:
+    """The faces of each photo (`faces.detect_batch` at this tool's threshold), left to
+    right; the photos (e.g. video frames of one size) run as one batch."""
+    return faces.detect_batch(photos, self.detector.threshold)
+
   def detect_faces(self, image: np.ndarray) -> list[faces.Face]:
-    """The faces of a photo (`faces.detect`), left to right; FileError when none is found."""
-    found = faces.detect(image)
+    """The faces of a photo, left to right; FileError when none is found."""
+    found = self.detect_batch([image])[0]
     if not found:
       raise FileError("no face found")
     return found
@@ -265,10 +291,11 @@ class Anonymizer:
     none is found."""
     return [f.quad for f in self.detect_faces(image)]
 
-  def method_for(self, side: float) -> str:
-    """GENERATOR for a face whose alignment square has `side` >= min_face pixels, else
-    the small-face method."""
-    return GENERATOR if side >= self.min_face else self.small_faces
+  def method_for(self, side: float, profile: float = 0.0) -> str:
+    """GENERATOR for a face whose alignment square has `side` >= min_face pixels and
+    whose `faces.profile` is at most MAX_PROFILE, else the small-face method."""
+    fits = side >= self.min_face and profile <= faces.MAX_PROFILE
+    return GENERATOR if fits else self.small_faces
 
   def crops(self, image: np.ndarray, aligned: bool, quads=None) -> tuple[list, list | None]:
     """(crops (S, S, 3) in [-1, 1], their squares or None when `aligned`) of a photo;
@@ -361,19 +388,26 @@ class Anonymizer:
     extracted bits (B, 512, 32) and per-layer noise (rows of `recover_noise`)."""
     return np.asarray(self.stages.restore(crops, identity, bits, list(noise))["recovered"])
 
-  # --- one face ---
+  # --- the faces of one photo, in batches ---
 
-  def _anonymize_face(self, crop: np.ndarray, context: bytes) -> np.ndarray:
-    x = crop[None]
-    analysis = self.stages.analyze(x)
-    z, bits, noise = self.face_code(np.asarray(analysis["arc_id"][0]), context)
-    out = self.stages.anonymize(x, analysis["coeff"], z, bits, noise)
-    return np.asarray(out["anon"][0])
+  def _anonymize_faces(self, crops: Sequence[np.ndarray],
+                       contexts: Sequence[bytes]) -> np.ndarray:
+    """(n, S, S, 3) anonymized crops of n crops, face k's draws named by contexts[k]."""
+    x = np.stack(crops)
+    arc_id, coeff = in_batches(
+        lambda c: tuple(self.stages.analyze(c)[k] for k in ("arc_id", "coeff")), x)
+    codes = [self.face_code(a, c) for a, c in zip(arc_id, contexts)]
+    z, bits = (np.concatenate([c[i] for c in codes]) for i in (0, 1))
+    noise = [np.concatenate([c[2][layer] for c in codes]) for layer in range(len(codes[0][2]))]
+    return in_batches(lambda *a: (self.stages.anonymize(*a[:4], a[4:])["anon"],),
+                      x, coeff, z, bits, *noise)[0]
 
-  def _hidden_identity(self, crop: np.ndarray, codec: str, layout: str | None,
-                       face: int) -> tuple[np.ndarray, np.ndarray]:
-    """(identity (512,), extracted bits (512, 32)) of one anonymized crop."""
-    return self.read_payload(self.extract_logits(crop[None])[0], codec, layout, f"face {face}")
+  def _hidden_identities(self, crops: Sequence[np.ndarray], codec: str, layout: str | None,
+                         numbers: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per anonymized crop: (identity (512,), extracted bits (512, 32)); FileError
+    naming the face's number on a payload that does not decode."""
+    logits = in_batches(lambda c: (self.stages.extract_identity(c)["logits"],), np.stack(crops))[0]
+    return [self.read_payload(l, codec, layout, f"face {i}") for l, i in zip(logits, numbers)]
 
   # --- photos (arrays) ---
 
@@ -394,8 +428,7 @@ class Anonymizer:
     if aligned:
       if refs:
         raise FileError("--keep / --only need detected faces, not --aligned crops")
-      crop = self.aligned_crop(image)
-      anon = self._anonymize_face(crop, digest + b"/face0")
+      anon = self._anonymize_faces([self.aligned_crop(image)], [digest + b"/face0"])[0]
       stamp = Stamp(self.codec, self.stamp_layout, self.size, True, ())
       return images.to_uint8(anon), stamp, [dict(method=GENERATOR)]
     found = self.detect_faces(image)
@@ -403,14 +436,21 @@ class Anonymizer:
     matches = ([reference_match(i, keep, only, match_threshold)
                 for i in self.identities(np.stack(crops))] if refs else
                [(False, None)] * len(found))
-    methods = [KEPT if kept else self.method_for(f.side) for f, (kept, _) in zip(found, matches)]
-    anons = [self._anonymize_face(c, digest + b"/face%d" % i) if m == GENERATOR else None
-             for i, (c, m) in enumerate(zip(crops, methods))]
+    methods = [KEPT if kept else self.method_for(f.side, f.profile)
+               for f, (kept, _) in zip(found, matches)]
+    chosen = [i for i, m in enumerate(methods) if m == GENERATOR]
+    anons = [None] * len(found)
+    if chosen:
+      done = self._anonymize_faces([crops[i] for i in chosen],
+                                   [digest + b"/face%d" % i for i in chosen])
+      for i, anon in zip(chosen, done):
+        anons[i] = anon
     quads = [f.quad for f in found]
     stamp = Stamp(self.codec, self.stamp_layout, self.size, False,
                   tuple(np.asarray(q).tolist() for q in quads),
                   () if all(m == GENERATOR for m in methods) else tuple(methods))
     records = [dict(method=m, score=round(f.score, 4), side=round(f.side, 1),
+                    profile=round(f.profile, 2),
                     **({} if best is None else dict(reference_cosine=round(best, 4))))
                for f, m, (_, best) in zip(found, methods, matches)]
     return self._compose(image, anons, quads, methods), stamp, records
@@ -433,8 +473,10 @@ class Anonymizer:
     left out): (identity (512,), extracted bits (512, 32))."""
     stamp = self._stamp_or_default(stamp, aligned)
     crops, _ = self.crops(image, stamp.aligned, stamp.quads)
-    return [self._hidden_identity(c, stamp.codec, stamp.layout, i) for i, c in enumerate(crops)
-            if stamp.method(i) == GENERATOR]
+    chosen = [i for i in range(len(crops)) if stamp.method(i) == GENERATOR]
+    if not chosen:
+      return []
+    return self._hidden_identities([crops[i] for i in chosen], stamp.codec, stamp.layout, chosen)
 
   def recover_image(self, image: np.ndarray, stamp: Stamp | None = None,
                     aligned: bool = False) -> tuple[np.ndarray, int]:
@@ -444,16 +486,18 @@ class Anonymizer:
     stamp = self._stamp_or_default(stamp, aligned)
     crops, quads = self.crops(image, stamp.aligned, stamp.quads)
     digest = photo_digest(image)
-    recovered, n = [], 0
-    for i, crop in enumerate(crops):
-      if stamp.method(i) != GENERATOR:
-        recovered.append(None)
-        continue
-      identity, bits = self._hidden_identity(crop, stamp.codec, stamp.layout, i)
-      out = self.restore_crops(crop[None], identity[None], bits[None],
-                               self.recover_noise(digest + b"/face%d" % i))
-      recovered.append(out[0])
-      n += 1
+    chosen = [i for i in range(len(crops)) if stamp.method(i) == GENERATOR]
+    recovered, n = [None] * len(crops), len(chosen)
+    if chosen:
+      x = np.stack([crops[i] for i in chosen])
+      hidden = self._hidden_identities(list(x), stamp.codec, stamp.layout, chosen)
+      identity, bits = (np.stack([h[k] for h in hidden]) for k in (0, 1))
+      draws = [self.recover_noise(digest + b"/face%d" % i) for i in chosen]
+      noise = [np.concatenate([d[layer] for d in draws]) for layer in range(len(draws[0]))]
+      done = in_batches(lambda *a: (self.stages.restore(*a[:3], a[3:])["recovered"],),
+                        x, identity, bits, *noise)[0]
+      for i, crop in zip(chosen, done):
+        recovered[i] = crop
     if quads is None:
       return images.to_uint8(recovered[0]), n
     out = image

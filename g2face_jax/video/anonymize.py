@@ -172,6 +172,8 @@ def analyze(tool: photo.Anonymizer, path: str, opts: Options = Options()) -> Ana
     runs, pending, n, scores = [], [], 0, {}
     bar = _progress(opts, "detect", info.frames or None)
 
+    to_detect = []
+
     def embed():
       ids = _batched(lambda x: (tool.identities(x),), opts.batch,
                      np.stack([c for _, c in pending]))[0]
@@ -179,19 +181,27 @@ def analyze(tool: photo.Anonymizer, path: str, opts: Options = Options()) -> Ana
         obs.embedding = e
       pending.clear()
 
+    def detect():
+      for frame, detected in zip(to_detect, tool.detect_batch([f.rgb for f in to_detect])):
+        found = [tracking.Observation(frame.index, f.quad.astype(np.float32)) for f in detected]
+        scores.update((id(o), f.score) for o, f in zip(found, detected))
+        pending.extend((o, tool.align(frame.rgb, o.quad)) for o in found)
+        runs.append(found)
+      to_detect.clear()
+      if len(pending) >= opts.batch:
+        embed()
+
     reader = io.Reader(path)
     for frame in reader:
       digest.update(b"%dx%dx3/" % frame.rgb.shape[:2] + frame.rgb.tobytes())
       if frame.index % opts.detect_every == 0:
-        detected = faces.detect(frame.rgb)
-        found = [tracking.Observation(frame.index, f.quad.astype(np.float32)) for f in detected]
-        scores.update((id(o), f.score) for o, f in zip(found, detected))
-        pending += [(o, tool.align(frame.rgb, o.quad)) for o in found]
-        runs.append(found)
-        if len(pending) >= opts.batch:
-          embed()
+        to_detect.append(frame)
+        if len(to_detect) >= opts.batch:
+          detect()
       n += 1
       bar.update(1)
+    if to_detect:
+      detect()
     if pending:
       embed()
     bar.close()
