@@ -236,7 +236,7 @@ def main(argv=None) -> int:
   parts = list(next(iter(tables.values())))
   print("detector".ljust(28) + "".join(f"{p:>12}" for p in parts) + "  false")
   for name, table in tables.items():
-    cells = "".join(f"{table[p]['found']:>6}/{table[p]['faces']:<5}" for p in parts)
+    cells = "".join(f"{table[p]['found']}/{table[p]['faces']}".rjust(12) for p in parts)
     print(name.ljust(28) + cells + f"  {table['all']['false']}")
   return 0
 

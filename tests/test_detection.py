@@ -128,3 +128,9 @@ def test_anonymize_changes_every_face_and_leaves_the_far_background(tool, cases)
       near |= distance < 1.2 * (1 + obscure.GROW) * side * np.sqrt(0.5) + 2
     assert not np.any(changed & ~near), part
   assert {photo.GENERATOR, obscure.DEFAULT} <= methods
+
+
+def test_turned_and_small_faces_go_to_the_fallback(tool):
+  assert tool.method_for(200, 0.2) == photo.GENERATOR
+  assert tool.method_for(200, faces.MAX_PROFILE + 0.1) == tool.small_faces
+  assert tool.method_for(faces.MIN_FACE - 1, 0.0) == tool.small_faces

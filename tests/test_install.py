@@ -18,6 +18,7 @@ import sysconfig
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GROUP = os.path.join(ROOT, "data", "group_photo.jpg")  # two faces
 
 
 @pytest.fixture(scope="module")
@@ -58,14 +59,16 @@ def _run(venv: str, cwd: str, program: str, *args: str) -> subprocess.CompletedP
                         capture_output=True, text=True)
 
 
-def test_the_wheel_carries_the_configs(venv, tmp_path):
+def test_the_wheel_carries_the_configs_and_the_detector(venv, tmp_path):
   done = _run(venv, str(tmp_path), "python", "-c",
               "import g2face_jax, g2face_jax.config as c; print(g2face_jax.__file__); "
-              "print(c.DEFAULT_FILE); print(c.load('paper').model.size)")
+              "print(c.DEFAULT_FILE); print(c.load('paper').model.size); "
+              "from g2face_jax import faces, images; print(len(faces.detect(images.read("
+              f"{GROUP!r}))))")
   assert done.returncode == 0, done.stderr
-  package, config_file, size = done.stdout.split()
+  package, config_file, size, found = done.stdout.split()
   assert package.startswith(venv) and config_file.startswith(venv)
-  assert size == "256"
+  assert size == "256" and found == "2"  # CenterFace's weights came with the wheel
 
 
 def test_the_installed_command_refuses_paper_without_pretrained_files(venv, tmp_path):

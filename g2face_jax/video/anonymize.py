@@ -17,7 +17,8 @@ Same key + same video -> the same output frames. The output carries the
 tracks' squares (`stamp`) for recovery. Tracks matching a `keep` reference
 (or not matching any `only` reference) stay as they are. A track whose median
 square is under the tool's `min_face` is obscured in every frame it covers by
-the tool's small-face method (`obscure`; 'g2face': the generator anyway); an
+the tool's small-face method (`obscure`; 'g2face': the generator anyway), and so
+is a track whose median `faces.profile` is over `faces.MAX_PROFILE`; an
 obscured track hides nothing, is left out of the stamp and stays as it is on
 recovery.
 
@@ -183,7 +184,8 @@ def analyze(tool: photo.Anonymizer, path: str, opts: Options = Options()) -> Ana
 
     def detect():
       for frame, detected in zip(to_detect, tool.detect_batch([f.rgb for f in to_detect])):
-        found = [tracking.Observation(frame.index, f.quad.astype(np.float32)) for f in detected]
+        found = [tracking.Observation(frame.index, f.quad.astype(np.float32), profile=f.profile)
+                 for f in detected]
         scores.update((id(o), f.score) for o, f in zip(found, detected))
         pending.extend((o, tool.align(frame.rgb, o.quad)) for o in found)
         runs.append(found)
@@ -224,7 +226,7 @@ def _decide(tool, track: tracking.Track, opts: Options) -> tuple[str, float | No
                                      opts.match_threshold)
   if kept:
     return "kept", best
-  if tool.method_for(track.median_side) != photo.GENERATOR:
+  if tool.method_for(track.median_side, track.median_profile) != photo.GENERATOR:
     return "obscured", best
   return "anonymized", best
 

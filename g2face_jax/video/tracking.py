@@ -3,7 +3,7 @@ smoothed.
 
 Our own small tracker rather than a library: `norfair` 2.3 pins numpy<2 (this
 package needs numpy 2), and the problem is small: a few faces per frame, each
-detection an alignment square (quad) from 68 landmarks, and the whole video
+detection an alignment square (quad) from five landmarks, and the whole video
 known in advance (files, not a live stream). Linking is frame by frame: each
 live track predicts its box at constant velocity, and tracks and detections are
 matched by the Hungarian method (scipy) on box IoU (the better of the predicted
@@ -39,6 +39,7 @@ class Observation:
   frame: int
   quad: np.ndarray                 # (4, 2)
   embedding: np.ndarray | None = None  # (512,) ArcFace identity of the detection
+  profile: float = 0.0             # how far the face is turned (`faces.profile`)
 
 
 class FrameSpan:
@@ -71,6 +72,11 @@ class Track(FrameSpan):
   def median_side(self) -> float:
     """Median side of the track's squares (pixels)."""
     return float(np.median(np.linalg.norm(self.quads[:, 3] - self.quads[:, 0], axis=-1)))
+
+  @property
+  def median_profile(self) -> float:
+    """Median `faces.profile` of the track's detections."""
+    return float(np.median([o.profile for o in self.observations]))
 
   def pooled_embedding(self) -> np.ndarray:
     """(512,) mean direction of the detections' embeddings, at their mean norm."""
