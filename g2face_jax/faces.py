@@ -110,12 +110,16 @@ def _left_to_right(found: Sequence[Face]) -> list[Face]:
   return sorted(found, key=lambda f: f.quad[:, 0].mean())
 
 
+def from_detections(found: Sequence[Sequence[detection.Detection]]) -> list[list[Face]]:
+  """Each photo's detections -> its faces (alignment squares), left to right."""
+  return [_left_to_right([_face(d) for d in one]) for one in found]
+
+
 def detect_batch(photos: Sequence[np.ndarray],
                  threshold: float = detection.THRESHOLD) -> list[list[Face]]:
-  """The faces of each (H, W, 3) uint8 photo, left to right (CenterFace, the photos as
-  one batch)."""
-  found = detection.Detector(threshold)(list(photos))
-  return [_left_to_right([_face(d) for d in one]) for one in found]
+  """The faces of each (H, W, 3) uint8 photo, left to right (CenterFace, the photos of
+  one size as one batch)."""
+  return from_detections(detection.Detector(threshold)(list(photos)))
 
 
 def detect(image: np.ndarray, threshold: float = detection.THRESHOLD) -> list[Face]:

@@ -275,9 +275,9 @@ class Anonymizer:
     return faces.align(image, quad, self.size)
 
   def detect_batch(self, photos: Sequence[np.ndarray]) -> list[list[faces.Face]]:
-    """The faces of each photo (`faces.detect_batch` at this tool's threshold), left to
-    right; the photos (e.g. video frames of one size) run as one batch."""
-    return faces.detect_batch(photos, self.detector.threshold)
+    """The faces of each photo (this tool's `detector`), left to right; the photos of
+    one size (e.g. video frames) run as one batch."""
+    return faces.from_detections(self.detector(list(photos)))
 
   def detect_faces(self, image: np.ndarray) -> list[faces.Face]:
     """The faces of a photo, left to right; FileError when none is found."""
@@ -402,11 +402,11 @@ class Anonymizer:
     return in_batches(lambda *a: (self.stages.anonymize(*a[:4], a[4:])["anon"],),
                       x, coeff, z, bits, *noise)[0]
 
-  def _hidden_identities(self, crops: Sequence[np.ndarray], codec: str, layout: str | None,
+  def _hidden_identities(self, crops: np.ndarray, codec: str, layout: str | None,
                          numbers: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per anonymized crop: (identity (512,), extracted bits (512, 32)); FileError
-    naming the face's number on a payload that does not decode."""
-    logits = in_batches(lambda c: (self.stages.extract_identity(c)["logits"],), np.stack(crops))[0]
+    """Per anonymized crop of (n, S, S, 3): (identity (512,), extracted bits (512, 32));
+    FileError naming the face's number on a payload that does not decode."""
+    logits = in_batches(lambda c: (self.stages.extract_identity(c)["logits"],), crops)[0]
     return [self.read_payload(l, codec, layout, f"face {i}") for l, i in zip(logits, numbers)]
 
   # --- photos (arrays) ---
@@ -476,7 +476,8 @@ class Anonymizer:
     chosen = [i for i in range(len(crops)) if stamp.method(i) == GENERATOR]
     if not chosen:
       return []
-    return self._hidden_identities([crops[i] for i in chosen], stamp.codec, stamp.layout, chosen)
+    return self._hidden_identities(np.stack([crops[i] for i in chosen]), stamp.codec,
+                                   stamp.layout, chosen)
 
   def recover_image(self, image: np.ndarray, stamp: Stamp | None = None,
                     aligned: bool = False) -> tuple[np.ndarray, int]:
@@ -490,7 +491,7 @@ class Anonymizer:
     recovered, n = [None] * len(crops), len(chosen)
     if chosen:
       x = np.stack([crops[i] for i in chosen])
-      hidden = self._hidden_identities(list(x), stamp.codec, stamp.layout, chosen)
+      hidden = self._hidden_identities(x, stamp.codec, stamp.layout, chosen)
       identity, bits = (np.stack([h[k] for h in hidden]) for k in (0, 1))
       draws = [self.recover_noise(digest + b"/face%d" % i) for i in chosen]
       noise = [np.concatenate([d[layer] for d in draws]) for layer in range(len(draws[0]))]
