@@ -367,7 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "the relative error of every network against the official outputs")
   p.add_argument("--fixtures", default=os.environ.get("G2FACE_PARITY_FIXTURES", DEFAULT_FIXTURES),
                  help="fixture folder (official-seedN layout); default: the bundled seed 0")
-  p.add_argument("--only", help="comma-separated checks to run (default: all)")
+  p.add_argument("--only", help="comma-separated checks to run (default: all but train_step, "
+                 "one official training iteration, which takes minutes and about 15 GB: "
+                 "`--only train_step`)")
   p.set_defaults(run=_parity)
 
   p = _command(sub, "convert", help="convert official PyTorch checkpoints into one model bundle "

@@ -176,3 +176,36 @@ def test_conv_forms_arguments_and_a_tiny_run(capsys):
   lines = capsys.readouterr().out.splitlines()
   diffs = [float(line.split("diff from lax")[1]) for line in lines if "diff from lax" in line]
   assert len(diffs) == 2 and max(diffs) < 1e-5  # the forms compute the same convolution
+
+
+accelerator = _load("accelerator")
+
+
+def test_accelerator_peaks_and_budget():
+  assert accelerator.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4e12
+  assert accelerator.peak_flops("NVIDIA H200", "float32") == 67e12
+  assert accelerator.peak_flops("cpu", "float32") is None
+  budget = accelerator.Budget(0)
+  assert not budget.allows("train float32 batch 4") and budget.skipped == [
+      "train float32 batch 4"]
+
+
+@pytest.mark.slow
+def test_accelerator_script_on_the_tiny_config(tmp_path):
+  """The whole script on CPU with the tiny config: a training record per dtype at the
+  largest batch tried, inference at each batch and precision, one JSON document."""
+  out = tmp_path / "record.json"
+  done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "accelerator.py"),
+                         "--config", "tiny", "--train-batches", "2", "--batches", "1,2",
+                         "--json-out", str(out)], capture_output=True, text=True, timeout=1200)
+  assert done.returncode == 0, done.stderr[-2000:]
+  record = json.loads(out.read_text())
+  assert record == json.loads(done.stdout)
+  for dtype in ("float32", "bfloat16"):
+    train = record["train"][dtype]
+    assert train["per_device_batch"] == 2 and train["step_s"] > 0 and train["mfu"] is None
+    assert train["gflop_per_step"] > 0 and train["temp_mb_per_device"] >= 0
+  assert set(record["infer"]) == {f"{p}/{b}" for p in ("float32", "tf32", "bfloat16")
+                                  for b in (1, 2)}
+  assert all(r["anonymize_img_per_s"] > 0 for r in record["infer"].values())
+  assert record["skipped"] == [] and record["wall_s"] > 0

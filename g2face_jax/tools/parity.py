@@ -256,6 +256,12 @@ def check_pipeline(folder: str) -> dict[str, float]:
   return compare_pipeline(nets, variables, folder)
 
 
+def check_train_step(folder: str) -> dict[str, float]:
+  """One official training iteration (`train_parity.check`)."""
+  from g2face_jax.tools import train_parity  # it builds on this module
+  return train_parity.check(folder)
+
+
 CHECKS: dict[str, Callable[[str], dict[str, float]]] = {
     "generator": check_generator,
     "discriminator": check_discriminator,
@@ -267,14 +273,19 @@ CHECKS: dict[str, Callable[[str], dict[str, float]]] = {
     "d3dfr_r50": check_d3dfr,
     "bfm_geometry": check_bfm_geometry,
     "pipeline": check_pipeline,
+    "train_step": check_train_step,
 }
 
 
+# run only when named: minutes of CPU and about 15 GB for paper-size training networks
+ON_REQUEST = ("train_step",)
+
+
 def run(folder: str, names=None, report=print) -> dict[str, dict[str, float]]:
-  """Run the named checks (all by default) and report one line per output."""
+  """Run the named checks (all but ON_REQUEST by default) and report one line per output."""
   jax.config.update("jax_default_matmul_precision", "highest")
   results = {}
-  for name in names or CHECKS:
+  for name in names or [n for n in CHECKS if n not in ON_REQUEST]:
     results[name] = CHECKS[name](folder)
     for key, err in results[name].items():
       status = "ok" if err <= TOLERANCE else "FAIL"
