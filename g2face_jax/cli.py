@@ -12,16 +12,18 @@ DEFAULT_FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 
 def _parity(args) -> int:
-  from g2face_jax.tools import parity
+  from g2face_jax.tools import parity, train_parity
   folder = args.fixtures
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"{folder}: fixture folder not found")
+  # the training iteration runs only when named: minutes and about 15 GB on a CPU
+  checks = {**parity.CHECKS, "train_step": train_parity.check}
   names = args.only.split(",") if args.only else None
-  unknown = sorted(set(names or ()) - set(parity.CHECKS))
+  unknown = sorted(set(names or ()) - set(checks))
   if unknown:
-    raise ValueError(f"unknown check(s) {unknown}; known: {sorted(parity.CHECKS)}")
+    raise ValueError(f"unknown check(s) {unknown}; known: {sorted(checks)}")
   print(f"official parity on {folder} (tolerance {parity.TOLERANCE:.0e})")
-  results = parity.run(folder, names)
+  results = parity.run(folder, names, checks=checks, on_request=("train_step",))
   worst = max(err for r in results.values() for err in r.values())
   print(f"worst relative error {worst:.2e}: {'PASS' if worst <= parity.TOLERANCE else 'FAIL'}")
   return 0 if worst <= parity.TOLERANCE else 1

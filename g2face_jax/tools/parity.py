@@ -46,11 +46,12 @@ def _load(folder: str, name: str):
   return np.load(os.path.join(folder, f"{name}.npz"))
 
 
-def generator_noise(fixture) -> list[np.ndarray]:
-  """The generator fixture's per-layer noise, NHWC, in the decoder's order."""
-  n_convs = sum(k.startswith("noise/convs.") for k in fixture.files)
+def generator_noise(fixture, prefix: str = "noise") -> list[np.ndarray]:
+  """A fixture's per-layer generator noise `<prefix>/<layer>.noise`, NHWC, in the
+  decoder's order."""
+  n_convs = sum(k.startswith(f"{prefix}/convs.") for k in fixture)
   names = ["conv1"] + [f"convs.{j}" for j in range(n_convs)]
-  return [nhwc(fixture[f"noise/{n}.noise"]) for n in names]
+  return [nhwc(fixture[f"{prefix}/{n}.noise"]) for n in names]
 
 
 def official_decoder(folder: str):
@@ -256,12 +257,6 @@ def check_pipeline(folder: str) -> dict[str, float]:
   return compare_pipeline(nets, variables, folder)
 
 
-def check_train_step(folder: str) -> dict[str, float]:
-  """One official training iteration (`train_parity.check`)."""
-  from g2face_jax.tools import train_parity  # it builds on this module
-  return train_parity.check(folder)
-
-
 CHECKS: dict[str, Callable[[str], dict[str, float]]] = {
     "generator": check_generator,
     "discriminator": check_discriminator,
@@ -273,20 +268,17 @@ CHECKS: dict[str, Callable[[str], dict[str, float]]] = {
     "d3dfr_r50": check_d3dfr,
     "bfm_geometry": check_bfm_geometry,
     "pipeline": check_pipeline,
-    "train_step": check_train_step,
 }
 
 
-# run only when named: minutes of CPU and about 15 GB for paper-size training networks
-ON_REQUEST = ("train_step",)
-
-
-def run(folder: str, names=None, report=print) -> dict[str, dict[str, float]]:
-  """Run the named checks (all but ON_REQUEST by default) and report one line per output."""
+def run(folder: str, names=None, report=print, checks=CHECKS,
+        on_request=()) -> dict[str, dict[str, float]]:
+  """Run the named `checks` (all but those `on_request` by default) and report one line
+  per output."""
   jax.config.update("jax_default_matmul_precision", "highest")
   results = {}
-  for name in names or [n for n in CHECKS if n not in ON_REQUEST]:
-    results[name] = CHECKS[name](folder)
+  for name in names or [n for n in checks if n not in on_request]:
+    results[name] = checks[name](folder)
     for key, err in results[name].items():
       status = "ok" if err <= TOLERANCE else "FAIL"
       report(f"{name:16s} {key:32s} {err:.2e}  {status}")

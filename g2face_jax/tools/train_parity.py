@@ -41,7 +41,7 @@ NETS = {"decoder": ("anonymous_net", "decoder"), "style_mlp": ("style_mlp", "sty
 
 
 def load(folder: str) -> dict[str, np.ndarray]:
-  """The folder's `train_step.npz` as a dict (strings decoded)."""
+  """The folder's `train_step.npz` as a dict of arrays."""
   with np.load(os.path.join(folder, FILE)) as f:
     return {k: f[k] for k in f.files}
 
@@ -62,21 +62,15 @@ def config_for(fixture: dict) -> ml_collections.ConfigDict:
   return config
 
 
-def _noise_maps(fixture: dict, prefix: str) -> list[np.ndarray]:
-  n_convs = sum(k.startswith(f"{prefix}/convs.") for k in fixture)
-  names = ["conv1"] + [f"convs.{j}" for j in range(n_convs)]
-  return [parity.nhwc(fixture[f"{prefix}/{n}.noise"]) for n in names]
-
-
 def draws(fixture: dict) -> step_lib.Draws:
   """The iteration's recorded random numbers as our step's `Draws`."""
   return step_lib.Draws(
       anon_source=jnp.asarray(fixture["anon_bits_src"], jnp.float32),
       z=jnp.asarray(fixture["rand_z"], jnp.float32),
-      anon_noise=[jnp.asarray(a) for a in _noise_maps(fixture, "anon_noise")],
+      anon_noise=[jnp.asarray(a) for a in parity.generator_noise(fixture, "anon_noise")],
       input_noise=jnp.asarray(parity.nhwc(fixture["extract_noise"])),
       rec_source=jnp.asarray(fixture["rec_bits_src"], jnp.float32),
-      rec_noise=[jnp.asarray(a) for a in _noise_maps(fixture, "rec_noise")])
+      rec_noise=[jnp.asarray(a) for a in parity.generator_noise(fixture, "rec_noise")])
 
 
 def images(fixture: dict) -> jax.Array:
