@@ -274,12 +274,21 @@ CHECKS: dict[str, Callable[[str], dict[str, float]]] = {
 def run(folder: str, names=None, report=print, checks=CHECKS,
         on_request=()) -> dict[str, dict[str, float]]:
   """Run the named `checks` (all but those `on_request` by default) and report one line
-  per output."""
+  per output. A check returns {output: error} (tolerance TOLERANCE) or {output: (error,
+  tolerance)}. Returns {check: {output: (error, tolerance)}}."""
   jax.config.update("jax_default_matmul_precision", "highest")
   results = {}
   for name in names or [n for n in checks if n not in on_request]:
-    results[name] = checks[name](folder)
-    for key, err in results[name].items():
-      status = "ok" if err <= TOLERANCE else "FAIL"
-      report(f"{name:16s} {key:32s} {err:.2e}  {status}")
+    results[name] = {key: value if isinstance(value, tuple) else (value, TOLERANCE)
+                     for key, value in checks[name](folder).items()}
+    for key, (err, tolerance) in results[name].items():
+      status = "ok" if err <= tolerance else "FAIL"
+      stated = "" if tolerance == TOLERANCE else f" (tolerance {tolerance:.0e})"
+      report(f"{name:16s} {key:32s} {err:.2e}  {status}{stated}")
   return results
+
+
+def failures(results: dict) -> list[str]:
+  """'check/output' of every result of `run` outside its tolerance."""
+  return [f"{name}/{key}" for name, r in results.items() for key, (err, tol) in r.items()
+          if not err <= tol]

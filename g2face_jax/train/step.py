@@ -217,6 +217,13 @@ def recover_phase(nets, settings: Settings, params: dict, batch_stats: dict, dis
   return jax.grad(loss, has_aux=True)(params)
 
 
+def r1_penalty(nets, disc_params: dict, x: jax.Array, group: int) -> jax.Array:
+  """The R1 penalty (unweighted scalar) of the discriminator at real images x (B, S, S, 3),
+  the minibatch stddev taken within groups of `group` samples."""
+  grad = jax.grad(lambda v: jnp.sum(_discriminate(nets, disc_params, v, group)))(x)
+  return losses.r1_penalty(grad)
+
+
 def discriminator_phase(nets, settings: Settings, disc_params: dict, x: jax.Array,
                         fake: jax.Array, do_r1: jax.Array):
   """The discriminator loss's gradients w.r.t. `disc_params`: real x against `fake`,
@@ -228,11 +235,8 @@ def discriminator_phase(nets, settings: Settings, disc_params: dict, x: jax.Arra
     logits = _discriminate(nets, disc_params, jnp.concatenate([x, fake]), group)
     real_loss, fake_loss = losses.discriminator_gan_losses(logits[:b], logits[b:])
 
-    def r1(dp):
-      grad = jax.grad(lambda v: jnp.sum(_discriminate(nets, dp, v, group)))(x)
-      return losses.r1_penalty(grad)
-
-    penalty = jax.lax.cond(do_r1, r1, lambda dp: jnp.zeros((), jnp.float32), disc_params)
+    penalty = jax.lax.cond(do_r1, lambda dp: r1_penalty(nets, dp, x, group),
+                           lambda dp: jnp.zeros((), jnp.float32), disc_params)
     total = real_loss + fake_loss + w.r1 * penalty
     return total, {"disc/real": real_loss, "disc/fake": fake_loss, "disc/r1": penalty,
                    "disc/total": total}
