@@ -13,7 +13,7 @@ more and of the less confident half of the bits (how well |logit| predicts an
 error); the spread of the error rate over faces and over groups of 32 values.
 
 Fitting: `privacy.code_fit.fit` on the signed logits of every condition chooses
-the fitted layout (positions, repetition, bits per value) whose face decoding
+the fitted layout (positions, inner code, bits per value) whose face decoding
 failure is below the target at the worst condition. The measured error patterns
 are then replayed on the chosen layout's payloads (each face's measured signed
 logits re-signed for the new bits): the faces that decode are counted.
@@ -233,7 +233,7 @@ def table(calibration: dict) -> str:
   out.append(f"capacity of the worst condition {fit['capacity_bits']:.0f} bits; messages: {message}")
   for cand in fit["candidates"]:
     out.append(f"  best at {cand['value_bits']} bits/value: {cand['layout']} "
-               f"({cand['positions']} positions, each bit x{cand['repetition']}): "
+               f"({cand['positions']} positions, {cand['inner']} bits per byte): "
                f"face failure <= {cand['failure']:.2e}")
   verdict = "meets" if fit["meets_target"] else "does NOT meet"
   out.append(f"layout {fit['layout']}: face failure <= {fit['failure']:.2e}, {verdict} the "

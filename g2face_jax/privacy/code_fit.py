@@ -1,24 +1,27 @@
 """Fitting the keyed payload code to a measured channel: which bit positions carry
-coded bits, how often each coded bit is written, and how many bits per identity
-value are sent (`secure_payload` fitted layouts), from the extractor's logits on
-faces whose hidden bits are known.
+coded bits, which inner code writes each Reed-Solomon byte, and how many bits per
+identity value are sent (`secure_payload` fitted layouts), from the extractor's
+logits on faces whose hidden bits are known.
 
 A channel sample is `signed` (F, 512, 32): per face, the extractor's logit
 times +1 where the hidden bit was 1 and -1 where it was 0 (positive: read
-right, negative: read wrong, magnitude: confidence). The decoder sums the
-logits of a coded bit's R copies and takes the sign, so per face and layout the
-coded bit error rate is that of the sum of R independent draws from the face's
-signed-logit distribution over the layout's positions (histograms of
-2 * HALF_BINS + 1 bins, magnitudes rounded up, so that a wrong reading never
-becomes a tie; a tie counts half). The rate is raised to its upper
-Z_MARGIN-sigma (Wilson) bound for the number of bits behind it, then:
-  byte error       1 - (1 - e)^8 (bytes of bits in random slots)
+right, negative: read wrong, magnitude: confidence). Per face and set of
+positions, the signed logits' distribution over those positions is a histogram
+of 2 * HALF_BINS + 1 bins (magnitudes rounded up, so that a wrong reading never
+becomes a tie); P_w, the chance that the sum of w independent draws is < 0 (a
+tie counting half), is the chance that the inner decoder prefers a codeword at
+distance w to the one sent. Then, per face:
+  byte error       uncoded (N = 8): 1 - (1 - P_1)^8; else the union bound
+                   sum_w A_w P_w over the inner code's distance distribution A
+                   (at most 1), raised to its upper Z_MARGIN-sigma (Wilson)
+                   bound for the number of bytes behind it
   codeword failure P(byte errors > parity // 2) for binomial byte errors
                    (hard-decision Reed-Solomon, without the erasure retries'
                    gain)
   face failure     1 - (1 - codeword failure)^codewords,
 averaged over the sample's faces (a face with a bad channel counts whole) and
 taken at the worst of the channel conditions measured (PNG, JPEG, paste-back).
+The position sets tried are the k positions of the lowest error rate, k = 1..32.
 `fit` picks, among layouts whose face failure is below `target`, the most bits
 per value (identity fidelity), then the lowest failure.
 """
@@ -42,7 +45,7 @@ MIN_COSINE = 0.99  # the recovered identity's cosine to the original a layout mu
 class Candidate:
   layout: str
   value_bits: int
-  repetition: int
+  inner: int      # bits per byte (inner code length)
   positions: int
   failure: float  # face decoding failure probability (upper bound, worst condition)
 
@@ -93,15 +96,27 @@ def histograms(signed: np.ndarray, width: float) -> np.ndarray:
   return counts.reshape(n_faces, 32, 2 * HALF_BINS + 1)
 
 
-def _errors_of_sums(pmf: np.ndarray, most: int) -> list[np.ndarray]:
-  """(F, B) pmfs over signed bins -> per R = 1..most, (F,) P(sum of R draws < 0) + P(= 0) / 2."""
-  total, out = pmf, []
-  for repetition in range(1, most + 1):
-    if repetition > 1:
-      total = np.stack([np.convolve(t, p) for t, p in zip(total, pmf)])
-    middle = (total.shape[1] - 1) // 2
-    out.append(total[:, :middle].sum(axis=1) + 0.5 * total[:, middle])
-  return out
+def pairwise_errors(pmf: np.ndarray, most: int) -> np.ndarray:
+  """(F, 2 * HALF_BINS + 1) pmfs over signed bins -> (F, most + 1): column w is P(sum of
+  w draws < 0) + P(sum = 0) / 2 (column 0 is 0). Sums by FFT (absolute error ~1e-15)."""
+  length = 1 << (2 * HALF_BINS * most).bit_length()  # >= the sum's support, a power of two
+  spectrum = np.fft.rfft(pmf, n=length, axis=1)
+  out = [np.zeros(len(pmf))]
+  power = np.ones_like(spectrum)
+  for w in range(1, most + 1):
+    power = power * spectrum
+    total = np.clip(np.fft.irfft(power, n=length, axis=1), 0, None)
+    middle = HALF_BINS * w
+    out.append(np.minimum(total[:, :middle].sum(axis=1) + 0.5 * total[:, middle], 1.0))
+  return np.stack(out, axis=1)
+
+
+def byte_errors(pairwise: np.ndarray, inner: int) -> np.ndarray:
+  """(F, W) `pairwise_errors` -> (F,) error rate of a byte written with the [inner, 8] code."""
+  if inner == 8:
+    return -np.expm1(8 * np.log1p(-np.minimum(pairwise[:, 1], 1 - 1e-15)))
+  weights = sp.inner_weights(inner)
+  return np.minimum(pairwise[:, :len(weights)] @ weights, 1.0)
 
 
 def wilson_upper(rate: np.ndarray, n: float, z: float = Z_MARGIN) -> np.ndarray:
@@ -112,11 +127,10 @@ def wilson_upper(rate: np.ndarray, n: float, z: float = Z_MARGIN) -> np.ndarray:
   return np.minimum((centre + spread) / (1 + z * z / n), 1.0)
 
 
-def face_failure(lay: sp.Layout, bit_errors: np.ndarray) -> float:
+def face_failure(lay: sp.Layout, byte_error: np.ndarray) -> float:
   """Mean over faces of the decoding failure probability of `lay`, given each face's
-  coded bit error rate (F,)."""
-  byte = -np.expm1(8 * np.log1p(-np.minimum(bit_errors, 1 - 1e-15)))
-  word = stats.binom.sf(lay.parity_bytes // 2, lay.codeword_bytes, byte)
+  byte error rate (F,)."""
+  word = stats.binom.sf(lay.parity_bytes // 2, lay.codeword_bytes, byte_error)
   return float(np.mean(-np.expm1(lay.n_codewords * np.log1p(-np.minimum(word, 1 - 1e-15)))))
 
 
@@ -161,21 +175,23 @@ def fit(conditions: Mapping[str, np.ndarray], target: float = TARGET,
   best_per_q: dict[int, Candidate] = {}
   for k in range(1, sp.VALUE_BITS + 1):
     positions = sorted(ranking[:k].tolist())
-    sums = {}
+    pairwise = {}
     for name, h in hists.items():
       pmf = h[:, positions].sum(axis=1).astype(np.float64)
-      sums[name] = _errors_of_sums(pmf / pmf.sum(axis=1, keepdims=True), sp.MAX_REPETITION)
-    for repetition in range(1, sp.MAX_REPETITION + 1):
-      n_bits = sp.IDENTITY_DIM * len(positions) / repetition
-      errors = {name: wilson_upper(e[repetition - 1], n_bits) for name, e in sums.items()}
+      pairwise[name] = pairwise_errors(pmf / pmf.sum(axis=1, keepdims=True),
+                                       max(sp.INNER_LENGTHS))
+    for inner in sp.INNER_LENGTHS:
+      n_bytes = sp.IDENTITY_DIM * len(positions) / inner
+      errors = {name: wilson_upper(byte_errors(e, inner), n_bytes)
+                for name, e in pairwise.items()}
       for q in choices:
-        name_ = sp.fitted_name(positions, repetition, q)
+        name_ = sp.fitted_name(positions, inner, q)
         try:
           lay = sp.layout(name_)
         except ValueError:
           continue  # too few slots for the message
         failure = max(face_failure(lay, e) for e in errors.values())
-        cand = Candidate(name_, q, repetition, len(positions), failure)
+        cand = Candidate(name_, q, inner, len(positions), failure)
         if q not in best_per_q or failure < best_per_q[q].failure:
           best_per_q[q] = cand
   if not best_per_q:

@@ -23,22 +23,25 @@ mantissa, as the official codec writes float32s):
            exponent of an N(0, 1) float32, as in the official training bits
            (the official extractor saw those positions near-constant).
   uniform  coded bits in all 16384 positions (8 codewords, 186 parity bytes each).
-  fit-MMMMMMMM-rR-qQ  (format version 2) a layout fitted to a bundle's measured
+  fit-MMMMMMMM-nN-qQ  (format version 2) a layout fitted to a bundle's measured
            channel (`privacy.code_fit`): coded bits in the positions of the
-           32-bit mask M (bit 31 = position 0, the sign), each coded bit written
-           R times in slots drawn by a public permutation (the decoder sums the
-           copies' logits), shortened Reed-Solomon codewords filling what the
-           slots hold, the identity sent with Q bits per value (Q = 8: as above;
-           Q < 8: clipped uniform steps of the value's RMS, see `quantize`).
-           The message then carries the layout in its public header:
-           version (2) | nonce (12) | mask (4) | R (1) | Q (1) | ciphertext + tag,
-           the header bytes masked like the version byte. Unused exponent
-           positions carry the N(0, 1) exponent cover, other unused slots
-           bytes drawn from the nonce.
+           32-bit mask M (bit 31 = position 0, the sign), in slots ordered by a
+           public permutation; each Reed-Solomon byte written as a codeword of
+           N bits of a binary [N, 8] inner code (`inner_code`; N = 8: the byte
+           itself), decoded by soft maximum likelihood (the codeword of the
+           largest correlation with the logits); shortened Reed-Solomon
+           codewords filling what the slots hold; the identity sent with Q
+           bits per value (Q = 8: as above; Q < 8: clipped uniform steps of the
+           value's RMS, see `quantize`). The message carries the layout in its
+           public header: version (2) | nonce (12) | mask (4) | N (1) | Q (1) |
+           ciphertext + tag, the header bytes masked like the version byte.
+           Unused exponent positions carry the N(0, 1) exponent cover, other
+           unused slots bits drawn from the nonce.
 
-Decode: hard bits are logit > 0; when hard-decision decoding of a codeword
-fails, its least reliable bytes (smallest |logit| of their 8 bits) are
-erased and decoding is retried (errors-and-erasures decoding).
+Decode: hard bits are logit > 0 (fitted layouts: the inner code's most likely
+byte); when hard-decision decoding of a codeword fails, its least reliable
+bytes (smallest |logit| of their 8 bits; the inner decoder's margin between
+its two best bytes) are erased and decoding is retried (errors-and-erasures decoding).
 The layout name (the stamp's, or tried in turn: the caller's candidates, else
 the fixed layouts) and, in version 2, the header are authenticated as
 associated data. No key is needed to find the payload (Reed-Solomon succeeds or not); the key
@@ -72,13 +75,14 @@ NONCE_BYTES = 12
 TAG_BYTES = 16
 PLAINTEXT_BYTES = 4 + IDENTITY_DIM  # float32 norm + int8 direction
 MESSAGE_BYTES = 1 + NONCE_BYTES + PLAINTEXT_BYTES + TAG_BYTES
-HEADER_BYTES = 6  # fitted layouts: mask (4), repetition (1), bits per value (1)
+HEADER_BYTES = 6  # fitted layouts: mask (4), inner code length (1), bits per value (1)
 VALUE_BIT_CHOICES = (8, 6, 5)  # bits per identity value a fitted layout may send (cosine >= 0.99)
-MAX_REPETITION = 8
+INNER_LENGTHS = (8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 64)  # bits per byte
+INNER_TRIALS = 64  # random systematic [N, 8] codes drawn; the best distance is kept
 # clip of the Q-bit quantizer in units of the identity's RMS value, about the
 # mean-square-error optimum of uniform steps for a Gaussian
 QUANT_CLIP = {6: 3.3, 5: 2.9}
-_FITTED = re.compile(r"fit-([0-9a-f]{8})-r([1-9][0-9]?)-q([0-9]+)")
+_FITTED = re.compile(r"fit-([0-9a-f]{8})-n([0-9]{1,2})-q([0-9])")
 LAYOUTS = ("float", "uniform")
 DEFAULT_LAYOUT = "float"
 SIGN_AND_MANTISSA = np.r_[0, 9:VALUE_BITS]  # bit positions within a value
@@ -108,13 +112,13 @@ class Decoded:
 @dataclasses.dataclass(frozen=True)
 class Layout:
   name: str
-  slots: np.ndarray       # flat indices into the 16384 bits that carry coded bits; with
-                          # repetition R, copy j of coded bit k sits at slots[j * n + k]
+  slots: np.ndarray       # flat indices into the 16384 bits that carry coded bits; payload
+                          # byte i sits in slots[i * inner : (i + 1) * inner]
   n_codewords: int
   data_bytes: int         # message bytes per codeword (the message is padded)
   byte_order: np.ndarray  # coded byte i sits at payload byte byte_order[i]
   codeword_bytes: int = CODEWORD  # bytes per (shortened) Reed-Solomon codeword
-  repetition: int = 1
+  inner: int = 8          # bits per payload byte (the inner code length; 8: uncoded)
   value_bits: int = 8     # bits per identity value in the plaintext
   version: int = FORMAT_VERSION
   mask: int | None = None  # fitted layouts: the 32-bit position mask (bit 31 = the sign)
@@ -125,7 +129,7 @@ class Layout:
 
   @property
   def n_bytes(self) -> int:
-    return len(self.slots) // (8 * self.repetition)
+    return len(self.slots) // self.inner
 
   @property
   def positions(self) -> np.ndarray:
@@ -136,7 +140,7 @@ class Layout:
   def header(self) -> bytes:
     """The public header of a fitted layout's message (b'' for the fixed layouts)."""
     return b"" if self.version == FORMAT_VERSION else struct.pack(
-        ">IBB", self.mask, self.repetition, self.value_bits)
+        ">IBB", self.mask, self.inner, self.value_bits)
 
   @property
   def message_bytes(self) -> int:
@@ -150,13 +154,13 @@ def message_bytes(value_bits: int = 8, version: int = FORMAT_VERSION) -> int:
   return 1 + NONCE_BYTES + header + 4 + IDENTITY_DIM * value_bits // 8 + TAG_BYTES
 
 
-def fitted_name(positions: Sequence[int], repetition: int, value_bits: int) -> str:
-  """The name of the fitted layout with coded bits in `positions` (0-31), each written
-  `repetition` times, sending `value_bits` bits per identity value."""
+def fitted_name(positions: Sequence[int], inner: int, value_bits: int) -> str:
+  """The name of the fitted layout with coded bits in `positions` (0-31), each byte an
+  `inner`-bit codeword, sending `value_bits` bits per identity value."""
   mask = 0
   for p in positions:
     mask |= 1 << (VALUE_BITS - 1 - int(p))
-  return f"fit-{mask:08x}-r{int(repetition)}-q{int(value_bits)}"
+  return f"fit-{mask:08x}-n{int(inner)}-q{int(value_bits)}"
 
 
 def _public_stream(label: bytes, n: int) -> bytes:
@@ -186,14 +190,15 @@ def layout(name: str) -> Layout:
   if match is None:
     raise ValueError(f"unknown payload layout '{name}'; known: {', '.join(LAYOUTS)} "
                      "or fit-MASK-rR-qQ (`g2face calibrate`)")
-  mask, repetition, value_bits = int(match[1], 16), int(match[2]), int(match[3])
+  mask, inner, value_bits = int(match[1], 16), int(match[2]), int(match[3])
   positions = [p for p in range(VALUE_BITS) if mask >> (VALUE_BITS - 1 - p) & 1]
-  if not positions or not 1 <= repetition <= MAX_REPETITION or \
-      value_bits not in VALUE_BIT_CHOICES or name != fitted_name(positions, repetition, value_bits):
-    raise ValueError(f"payload layout '{name}': needs a non-empty mask, repetition 1 to "
-                     f"{MAX_REPETITION} and {'/'.join(map(str, VALUE_BIT_CHOICES))} bits per value")
+  if not positions or inner not in INNER_LENGTHS or \
+      value_bits not in VALUE_BIT_CHOICES or name != fitted_name(positions, inner, value_bits):
+    raise ValueError(f"payload layout '{name}': needs a non-empty mask, an inner code of "
+                     f"{'/'.join(map(str, INNER_LENGTHS))} bits and "
+                     f"{'/'.join(map(str, VALUE_BIT_CHOICES))} bits per value")
   candidates = (np.arange(IDENTITY_DIM)[:, None] * VALUE_BITS + np.asarray(positions)).ravel()
-  n_bytes = len(candidates) // (8 * repetition)
+  n_bytes = len(candidates) // inner
   message = message_bytes(value_bits, FITTED_VERSION)
   n_codewords = max(1, -(-n_bytes // CODEWORD))
   codeword_bytes = n_bytes // n_codewords
@@ -202,9 +207,9 @@ def layout(name: str) -> Layout:
     raise ValueError(f"payload layout '{name}': {n_bytes} coded bytes cannot carry a "
                      f"{message}-byte message with {MIN_CHECK_BYTES} parity bytes per codeword")
   shuffle = np.argsort(_public_uniforms(b"slots/" + name.encode(), len(candidates)), kind="stable")
-  slots = candidates[shuffle[:n_bytes * 8 * repetition]]
+  slots = candidates[shuffle[:n_bytes * inner]]
   order = np.argsort(_public_uniforms(b"byte-order/" + name.encode(), n_bytes), kind="stable")
-  return Layout(name, slots, n_codewords, data_bytes, order, codeword_bytes, repetition,
+  return Layout(name, slots, n_codewords, data_bytes, order, codeword_bytes, inner,
                 value_bits, FITTED_VERSION, mask)
 
 
@@ -270,6 +275,33 @@ def _filler(nonce: bytes, n: int) -> bytes:
   return _public_stream(b"filler/" + nonce, n)
 
 
+@functools.lru_cache(maxsize=None)
+def inner_code(n: int) -> np.ndarray:
+  """(256, n) uint8: the bits of byte b's codeword in the [n, 8] inner code. n = 8: the
+  byte's own bits. Else the systematic code [byte | byte @ P mod 2] whose 8 x (n - 8) P,
+  of INNER_TRIALS drawn from a public stream, has the largest minimum distance (then the
+  fewest codewords at it)."""
+  data = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).astype(np.int64)
+  if n == 8:
+    return data.astype(np.uint8)
+  best, best_key = None, None
+  for trial in range(INNER_TRIALS):
+    parity = np.unpackbits(np.frombuffer(_public_stream(b"inner/%d/%d" % (n, trial),
+                                                        n - 8), np.uint8))
+    words = np.concatenate([data, data @ parity.reshape(8, n - 8) % 2], axis=1)
+    weights = words[1:].sum(axis=1)
+    key = (weights.min(), -np.sum(weights == weights.min()))
+    if best_key is None or key > best_key:
+      best, best_key = words, key
+  return best.astype(np.uint8)
+
+
+def inner_weights(n: int) -> np.ndarray:
+  """(n + 1,) counts of the inner code's non-zero codewords of each weight (its distance
+  distribution, the code being linear)."""
+  return np.bincount(inner_code(n)[1:].sum(axis=1), minlength=n + 1)
+
+
 def _header_mask(nonce: bytes) -> bytes:
   return _public_stream(b"header/" + nonce, HEADER_BYTES)
 
@@ -300,7 +332,7 @@ def encode(key: keys.Key, identity: np.ndarray, context: bytes,
   else:  # slots outside the code: bytes drawn from the nonce
     bits = np.unpackbits(np.frombuffer(_public_stream(b"cover/" + nonce, N_BITS // 8),
                                        np.uint8)).astype(np.float32)
-  bits[lay.slots] = np.tile(np.unpackbits(payload), lay.repetition)
+  bits[lay.slots] = inner_code(lay.inner)[payload].ravel()
   bits = bits.reshape(IDENTITY_DIM, VALUE_BITS)
   exponents = np.setdiff1d(EXPONENT, lay.positions)
   if len(exponents):
@@ -329,16 +361,23 @@ def _decode_codeword(rs: reedsolo.RSCodec, word: bytearray, reliability: np.ndar
   raise NoPayloadError("no g2face secure payload found (or damaged beyond repair)")
 
 
-def combined_logits(logits: np.ndarray, lay: Layout) -> np.ndarray:
-  """(512, 32) logits -> (8 * n_bytes,) logits of the coded bits: the sum over each
-  bit's copies (one copy in the fixed layouts)."""
-  return logits.reshape(-1)[lay.slots].reshape(lay.repetition, -1).sum(axis=0)
+def _read_bytes(logits: np.ndarray, lay: Layout) -> tuple[np.ndarray, np.ndarray]:
+  """(512, 32) logits -> (payload bytes (n_bytes,) uint8, their reliabilities): hard bits
+  and their smallest |logit| uncoded; else the inner code's most likely byte (largest
+  correlation) and its margin over the runner-up."""
+  flat = logits.reshape(-1)[lay.slots]
+  if lay.inner == 8:
+    return np.packbits(flat > 0), np.abs(flat).reshape(-1, 8).min(axis=1)
+  scores = flat.reshape(-1, lay.inner) @ (2.0 * inner_code(lay.inner) - 1).T  # (n_bytes, 256)
+  top = np.argpartition(-scores, 1, axis=1)[:, :2]
+  pair = np.take_along_axis(scores, top, axis=1)
+  first = np.argmax(pair, axis=1)
+  best = np.take_along_axis(top, first[:, None], axis=1)[:, 0]
+  return best.astype(np.uint8), np.abs(pair[:, 0] - pair[:, 1])
 
 
 def _read_message(logits: np.ndarray, lay: Layout) -> tuple[bytes, int]:
-  flat = combined_logits(logits, lay)
-  payload = np.packbits(flat > 0)
-  byte_rel = np.abs(flat).reshape(-1, 8).min(axis=1)
+  payload, byte_rel = _read_bytes(logits, lay)
   coded = payload[lay.byte_order]
   rel = byte_rel[lay.byte_order]
   rs = _rs(lay.parity_bytes)
