@@ -76,8 +76,11 @@ def measure(tool: photo.Anonymizer, faces_u8: np.ndarray, jpeg: int | None = Non
   (N, 512) ArcFace of the mirrored faces}. `scene`: a photo (H, W, 3) uint8 with a face
   to paste into."""
   crops = images.to_unit(faces_u8)
+  n = len(crops)
+  both = np.concatenate([crops, np.ascontiguousarray(crops[:, :, ::-1])])  # and mirrored
   arc_id, coeff = photo.in_batches(
-      lambda c: tuple(tool.stages.analyze(c)[k] for k in ("arc_id", "coeff")), crops)
+      lambda c: tuple(tool.stages.analyze(c)[k] for k in ("arc_id", "coeff")), both)
+  arc_id, mirrored, coeff = arc_id[:n], arc_id[n:], coeff[:n]
   codes = [tool.face_code(a, b"g2face/calibrate/%d" % i) for i, a in enumerate(arc_id)]
   z, bits = (np.concatenate([c[i] for c in codes]) for i in (0, 1))
   noise = [np.concatenate([c[2][layer] for c in codes]) for layer in range(len(codes[0][2]))]
@@ -95,7 +98,6 @@ def measure(tool: photo.Anonymizer, faces_u8: np.ndarray, jpeg: int | None = Non
   logits = {name: photo.in_batches(lambda c: (tool.stages.extract_identity(c)["logits"],),
                                    images.to_unit(v))[0].astype(np.float64)
             for name, v in versions.items()}
-  mirrored = tool.identities(np.ascontiguousarray(crops[:, :, ::-1]))
   return dict(bits=bits.astype(np.float64), logits=logits, identities=np.asarray(arc_id),
               mirrored=np.asarray(mirrored))
 
@@ -152,13 +154,14 @@ def verify_threshold(hidden: np.ndarray, references: np.ndarray, others: np.ndar
   cos = _unit(hidden) @ _unit(others).T
   genuine = np.sum(_unit(hidden) * _unit(references), axis=1)
   impostor = cos[~np.eye(len(cos), dtype=bool)]
+  scores = np.unique(np.concatenate([genuine, impostor]))
   best = None
-  for t in np.unique(np.concatenate([genuine, impostor, [photo.VERIFY_THRESHOLD]])):
+  for t in np.round(np.r_[(scores[1:] + scores[:-1]) / 2, photo.VERIFY_THRESHOLD], 6):
     far, frr = _rates(genuine, impostor, t)
     if best is None or far + frr <= best[1] + best[2]:
       best = (float(t), far, frr)
   far0, frr0 = _rates(genuine, impostor, photo.VERIFY_THRESHOLD)
-  return dict(threshold=round(best[0], 4), false_accept=round(best[1], 4),
+  return dict(threshold=best[0], false_accept=round(best[1], 4),
               false_reject=round(best[2], 4), genuine_pairs=int(len(genuine)),
               impostor_pairs=int(len(impostor)), default_threshold=photo.VERIFY_THRESHOLD,
               default_false_accept=round(far0, 4), default_false_reject=round(frr0, 4))

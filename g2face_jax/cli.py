@@ -138,18 +138,24 @@ def _recover(args) -> int:
   return _photo_files(args, "recover")
 
 
+def _verify_threshold(given: float | None, manifest: dict) -> tuple[float, str]:
+  """(verify's cosine threshold, 'given' / 'calibrated' / 'default'): --threshold, else the
+  bundle's calibrated one (`g2face calibrate`), else photo.VERIFY_THRESHOLD."""
+  from g2face_jax import calibration, photo
+  if given is not None:
+    return given, "given"
+  calibrated = calibration.threshold_of(manifest)
+  return (calibrated, "calibrated") if calibrated is not None else (photo.VERIFY_THRESHOLD,
+                                                                     "default")
+
+
 def _verify(args) -> int:
   import json
 
   from g2face_jax import files, photo
   try:
     tool = _photo_tool(args, "verify")
-    threshold, source = args.threshold, "given"
-    if threshold is None:
-      from g2face_jax import calibration
-      threshold, source = calibration.threshold_of(tool.bundle.manifest), "calibrated"
-      if threshold is None:
-        threshold, source = photo.VERIFY_THRESHOLD, "default"
+    threshold, source = _verify_threshold(args.threshold, tool.bundle.manifest)
     result = files.verify_file(tool, args.anon, args.reference, threshold,
                                aligned=args.aligned)
   except photo.FileError as e:  # the file read, but holds no readable face or payload

@@ -13,8 +13,13 @@ tie counting half), is the chance that the inner decoder prefers a codeword at
 distance w to the one sent. Then, per face:
   byte error       uncoded (N = 8): 1 - (1 - P_1)^8; else the union bound
                    sum_w A_w P_w over the inner code's distance distribution A
-                   (at most 1), raised to its upper Z_MARGIN-sigma (Wilson)
-                   bound for the number of bytes behind it
+                   (at most 1); where no layout of a bits-per-value choice meets
+                   the target by that bound, the most promising (up to
+                   MC_LAYOUTS) get the smaller of it and a simulation of the
+                   inner decoder on the measured distribution
+                   (`simulated_byte_errors`);
+                   raised to its upper Z_MARGIN-sigma (Wilson) bound for the
+                   number of bytes (measured, or simulated) behind it
   codeword failure P(byte errors > parity // 2) for binomial byte errors
                    (hard-decision Reed-Solomon, without the erasure retries'
                    gain)
@@ -38,7 +43,23 @@ from g2face_jax.privacy import secure_payload as sp
 HALF_BINS = 24
 Z_MARGIN = 3.0  # one-sided upper bound of the measured error rates (99.87%)
 TARGET = 1e-6   # default face decoding failure probability to stay under
+MC_POOLED = 1024  # simulated bytes where the union bound is loose: all faces together
+MC_FACE = 1024    # ... then per face
+MC_LAYOUTS = 16   # layouts simulated per bits-per-value choice, at most
 MIN_COSINE = 0.99  # the recovered identity's cosine to the original a layout must keep
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  """The Reed-Solomon shape of a fitted layout (`secure_payload.geometry`)."""
+  name: str
+  n_codewords: int
+  codeword_bytes: int
+  data_bytes: int
+
+  @property
+  def parity_bytes(self) -> int:
+    return self.codeword_bytes - self.data_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +148,7 @@ def wilson_upper(rate: np.ndarray, n: float, z: float = Z_MARGIN) -> np.ndarray:
   return np.minimum((centre + spread) / (1 + z * z / n), 1.0)
 
 
-def face_failure(lay: sp.Layout, byte_error: np.ndarray) -> float:
+def face_failure(lay: "sp.Layout | Shape", byte_error: np.ndarray) -> float:
   """Mean over faces of the decoding failure probability of `lay`, given each face's
   byte error rate (F,)."""
   word = stats.binom.sf(lay.parity_bytes // 2, lay.codeword_bytes, byte_error)
@@ -157,6 +178,41 @@ def quantization_cosines(identities: np.ndarray | None) -> dict[int, float]:
   return out
 
 
+def simulated_byte_errors(pmf: np.ndarray, inner: int, draws: int) -> np.ndarray:
+  """(F, 2 * HALF_BINS + 1) pmfs -> (F,) error rate of the inner code's maximum-likelihood
+  decoder, by `draws` simulated bytes per face: with the zero codeword sent (no loss of
+  generality for a linear code read by correlation on a channel symmetric in the bit
+  sent), an error when some other codeword's correlation is not below it (ties lose)."""
+  uniforms = np.random.default_rng(0).random((draws, inner))
+  cdf = np.cumsum(pmf, axis=1)
+  cdf[:, -1] = 1.0
+  ones = sp.inner_code(inner)[1:].T.astype(np.float32)  # (inner, 255)
+  out = []
+  for c in cdf:
+    signed = (np.searchsorted(c, uniforms) - HALF_BINS).astype(np.float32)
+    out.append(np.mean((signed @ ones).min(axis=1) <= 0))
+  return np.asarray(out)
+
+
+def _simulated(hists, positions, inner, n_bytes, errors, shape, target):
+  """Byte error rates refined by simulation where the union bound is loose: first with
+  the faces pooled (MC_POOLED draws), and when that meets the target for `shape`, per
+  face (MC_FACE draws); each the smaller of its union bound and its simulated rate's
+  upper bound."""
+  refined = {}
+  for name, h in hists.items():
+    pmf = h[:, positions].sum(axis=1).astype(np.float64)
+    pooled = pmf.sum(axis=0, keepdims=True)
+    rate = wilson_upper(simulated_byte_errors(pooled / pooled.sum(), inner, MC_POOLED),
+                        min(MC_POOLED, n_bytes * len(pmf)))
+    if face_failure(shape, rate) > target:
+      return errors
+    rate = wilson_upper(simulated_byte_errors(pmf / pmf.sum(axis=1, keepdims=True), inner,
+                                              MC_FACE), min(MC_FACE, n_bytes))
+    refined[name] = np.minimum(errors[name], rate)
+  return refined
+
+
 def fit(conditions: Mapping[str, np.ndarray], target: float = TARGET,
         identities: np.ndarray | None = None) -> Fit:
   """The fitted layout for channel samples {condition name: signed logits (F, 512, 32)}.
@@ -172,7 +228,7 @@ def fit(conditions: Mapping[str, np.ndarray], target: float = TARGET,
   ranking = np.argsort(worst_ber, kind="stable")
   cosines = quantization_cosines(identities)
   choices = [q for q in sp.VALUE_BIT_CHOICES if cosines[q] >= MIN_COSINE]
-  best_per_q: dict[int, Candidate] = {}
+  records = []  # (positions, inner, n_bytes, {q: shape}, {condition: byte errors})
   for k in range(1, sp.VALUE_BITS + 1):
     positions = sorted(ranking[:k].tolist())
     pairwise = {}
@@ -181,19 +237,44 @@ def fit(conditions: Mapping[str, np.ndarray], target: float = TARGET,
       pairwise[name] = pairwise_errors(pmf / pmf.sum(axis=1, keepdims=True),
                                        max(sp.INNER_LENGTHS))
     for inner in sp.INNER_LENGTHS:
-      n_bytes = sp.IDENTITY_DIM * len(positions) / inner
-      errors = {name: wilson_upper(byte_errors(e, inner), n_bytes)
-                for name, e in pairwise.items()}
+      layouts = {}
       for q in choices:
-        name_ = sp.fitted_name(positions, inner, q)
         try:
-          lay = sp.layout(name_)
+          layouts[q] = Shape(sp.fitted_name(positions, inner, q),
+                             *sp.geometry(len(positions), inner, q))
         except ValueError:
           continue  # too few slots for the message
-        failure = max(face_failure(lay, e) for e in errors.values())
-        cand = Candidate(name_, q, inner, len(positions), failure)
-        if q not in best_per_q or failure < best_per_q[q].failure:
-          best_per_q[q] = cand
+      if layouts:
+        n_bytes = sp.IDENTITY_DIM * len(positions) / inner
+        records.append((positions, inner, n_bytes, layouts,
+                        {name: wilson_upper(byte_errors(e, inner), n_bytes)
+                         for name, e in pairwise.items()}))
+
+  def failure(record, q):
+    return max(face_failure(record[3][q], e) for e in record[4].values())
+
+  # where no layout of a bits-per-value meets the target by the union bound, simulate the
+  # inner decoder on the most promising ones (lowest bound first) until one does
+  for q in choices:
+    tried = 0
+    for i in sorted((i for i, r in enumerate(records) if q in r[3]),
+                    key=lambda i: failure(records[i], q)):
+      if failure(records[i], q) <= target or tried == MC_LAYOUTS:
+        break
+      positions, inner, n_bytes, layouts, errors = records[i]
+      if inner == 8:
+        continue
+      tried += 1
+      records[i] = (positions, inner, n_bytes, layouts,
+                    _simulated(hists, positions, inner, n_bytes, errors, layouts[q], target))
+      if failure(records[i], q) <= target:
+        break
+  best_per_q: dict[int, Candidate] = {}
+  for record in records:
+    for q, shape in record[3].items():
+      cand = Candidate(shape.name, q, record[1], len(record[0]), failure(record, q))
+      if q not in best_per_q or cand.failure < best_per_q[q].failure:
+        best_per_q[q] = cand
   if not best_per_q:
     raise ValueError("no fitted layout holds the message with its parity")
   meeting = [c for c in best_per_q.values() if c.failure <= target]

@@ -172,6 +172,21 @@ def _public_uniforms(label: bytes, n: int) -> np.ndarray:
   return (words + 0.5) / 2.0 ** 32
 
 
+def geometry(n_positions: int, inner: int, value_bits: int) -> tuple[int, int, int]:
+  """(codewords, bytes per codeword, message bytes per codeword) of a fitted layout with
+  coded bits in `n_positions` positions; ValueError when they cannot hold the message with
+  MIN_CHECK_BYTES parity bytes per codeword."""
+  n_bytes = IDENTITY_DIM * n_positions // inner
+  message = message_bytes(value_bits, FITTED_VERSION)
+  n_codewords = max(1, -(-n_bytes // CODEWORD))
+  codeword_bytes = n_bytes // n_codewords
+  data_bytes = -(-message // n_codewords)
+  if codeword_bytes - data_bytes < MIN_CHECK_BYTES:
+    raise ValueError(f"{n_bytes} coded bytes cannot carry a {message}-byte message with "
+                     f"{MIN_CHECK_BYTES} parity bytes per codeword")
+  return n_codewords, codeword_bytes, data_bytes
+
+
 @functools.lru_cache(maxsize=256)
 def layout(name: str) -> Layout:
   """The named bit layout: one of LAYOUTS or a fitted layout name (`fitted_name`).
@@ -199,13 +214,10 @@ def layout(name: str) -> Layout:
                      f"{'/'.join(map(str, VALUE_BIT_CHOICES))} bits per value")
   candidates = (np.arange(IDENTITY_DIM)[:, None] * VALUE_BITS + np.asarray(positions)).ravel()
   n_bytes = len(candidates) // inner
-  message = message_bytes(value_bits, FITTED_VERSION)
-  n_codewords = max(1, -(-n_bytes // CODEWORD))
-  codeword_bytes = n_bytes // n_codewords
-  data_bytes = -(-message // n_codewords)
-  if codeword_bytes - data_bytes < MIN_CHECK_BYTES:
-    raise ValueError(f"payload layout '{name}': {n_bytes} coded bytes cannot carry a "
-                     f"{message}-byte message with {MIN_CHECK_BYTES} parity bytes per codeword")
+  try:
+    n_codewords, codeword_bytes, data_bytes = geometry(len(positions), inner, value_bits)
+  except ValueError as e:
+    raise ValueError(f"payload layout '{name}': {e}") from None
   shuffle = np.argsort(_public_uniforms(b"slots/" + name.encode(), len(candidates)), kind="stable")
   slots = candidates[shuffle[:n_bytes * inner]]
   order = np.argsort(_public_uniforms(b"byte-order/" + name.encode(), n_bytes), kind="stable")
