@@ -122,3 +122,20 @@ def test_calibrate_refuses_too_few_faces(tmp_path, bundle_dir, capsys):
   assert cli.main(["calibrate", "--bundle", bundle_dir, "--data", str(folder),
                    "--compile-cache", ""]) == 2
   assert "at least 2 faces" in capsys.readouterr().err
+
+
+def test_recover_without_stamp_tries_the_tools_layout_then_the_fixed_ones(bundle_dir):
+  """A photo whose stamp is gone: the calibrated layout (the tool's) is tried, then the fixed
+  layouts, so payloads of either kind still decode."""
+  fitted = "fit-ffffffff-n16-q6"
+  tool = photo.Anonymizer(bundle_dir, KEY, layout=fitted)
+  identity = np.random.default_rng(4).standard_normal(512)
+  for name in (fitted, "float"):
+    bits = sp.encode(KEY, identity, b"face", name)
+    found, _ = tool.read_payload(sp.bits_as_logits(bits) * 4, "secure", None, "face 0")
+    cos = found @ identity / np.linalg.norm(found) / np.linalg.norm(identity)
+    assert cos > 0.99
+  plain = photo.Anonymizer(bundle_dir, KEY)  # an uncalibrated tool does not know the layout
+  with pytest.raises(photo.FileError, match="no g2face payload"):
+    plain.read_payload(sp.bits_as_logits(sp.encode(KEY, identity, b"face", fitted)), "secure",
+                       None, "face 0")
