@@ -41,11 +41,12 @@ mantissa, as the official codec writes float32s):
 Decode: hard bits are logit > 0 (fitted layouts: the inner code's most likely
 byte); when hard-decision decoding of a codeword fails, its least reliable
 bytes (smallest |logit| of their 8 bits; the inner decoder's margin between
-its two best bytes) are erased and decoding is retried (errors-and-erasures decoding).
-The layout name (the stamp's, or tried in turn: the caller's candidates, else
-the fixed layouts) and, in version 2, the header are authenticated as
-associated data. No key is needed to find the payload (Reed-Solomon succeeds or not); the key
-is needed to read it: a wrong key or a tampered payload fails authentication.
+its two best bytes) are erased and decoding is retried (errors-and-erasures
+decoding). The layouts tried are the one named (a stamp's), else the caller's
+candidates in turn, else the fixed layouts; the layout's name and, in version
+2, the header are associated data of the encryption. No key is needed to find
+the payload (Reed-Solomon succeeds or not); the key is needed to read it: a
+wrong key or a tampered payload or header fails authentication.
 """
 from __future__ import annotations
 
