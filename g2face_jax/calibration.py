@@ -75,6 +75,7 @@ def measure(tool: photo.Anonymizer, faces_u8: np.ndarray, jpeg: int | None = Non
   'logits': {condition: (N, 512, 32)}, 'identities': (N, 512) ArcFace, 'mirrored':
   (N, 512) ArcFace of the mirrored faces}. `scene`: a photo (H, W, 3) uint8 with a face
   to paste into."""
+  quad = tool.detect(scene)[0] if scene is not None else None  # FileError: no face
   crops = images.to_unit(faces_u8)
   n = len(crops)
   both = np.concatenate([crops, np.ascontiguousarray(crops[:, :, ::-1])])  # and mirrored
@@ -91,7 +92,6 @@ def measure(tool: photo.Anonymizer, faces_u8: np.ndarray, jpeg: int | None = Non
   if jpeg is not None:
     versions[f"jpeg{jpeg}"] = np.stack([_jpeg(a, jpeg) for a in anon_u8])
   if scene is not None:
-    quad = tool.detect(scene)[0]
     pasted = [_png(faces.paste_back(scene, crop, quad)[0]) for crop in anon]
     versions["paste"] = np.stack([images.to_uint8(faces.align(p, quad, tool.size))
                                   for p in pasted])

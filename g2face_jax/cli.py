@@ -185,8 +185,11 @@ def _calibrate(args) -> int:
   tool = photo.Anonymizer(loaded, keys.generate(), codec="secure", layout="uniform")
   faces, what = calibration.sample_faces(args.data, tool.size, args.limit)
   scene = images.read(args.photo) if args.photo else None
-  result = calibration.calibrate(tool, faces, what, jpeg=args.jpeg, scene=scene,
-                                 target=args.target)
+  try:
+    result = calibration.calibrate(tool, faces, what, jpeg=args.jpeg, scene=scene,
+                                   target=args.target)
+  except photo.FileError as e:  # the --photo has no face to paste over
+    raise ValueError(f"{args.photo}: {e}") from None
   calibration.store(args.bundle, result)
   print(json.dumps(result, indent=1) if args.json else calibration.table(result))
   print(f"stored in {os.path.join(loaded.path, bundle.MANIFEST)}; anonymize now uses layout "
