@@ -2,7 +2,7 @@
 payload code to it, and calibrate `verify`'s threshold; stored in the bundle's manifest.
 
 Measuring: each sample face (an aligned crop, (S, S, 3) uint8) is anonymized
-with a fresh random key hiding a `secure_payload` 'uniform' payload (pseudo-random
+with a public key (KEY) hiding a `secure_payload` 'uniform' payload (pseudo-random
 bits in all 16384 positions), written as an 8-bit PNG and read back ('png');
 optionally also through JPEG at a quality ('jpegQ'), and pasted back into a
 photo over its first detected face, that photo written as PNG and the face
@@ -27,6 +27,7 @@ people.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import numpy as np
 from PIL import Image
@@ -36,6 +37,8 @@ from g2face_jax import faces, images, photo
 from g2face_jax.privacy import code_fit, keys, secure_payload
 
 FORMAT = "g2face-calibration/1"
+# The key of the calibration payloads: public (they are thrown away), fixed so that runs repeat.
+KEY = keys.Key(hashlib.sha256(b"g2face/calibration/v1").digest())
 DEMO = "demo"
 VALUE_GROUPS = 16  # groups of 512 / 16 = 32 consecutive values, for the spread over values
 
