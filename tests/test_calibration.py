@@ -139,3 +139,16 @@ def test_recover_without_stamp_tries_the_tools_layout_then_the_fixed_ones(bundle
   with pytest.raises(photo.FileError, match="no g2face payload"):
     plain.read_payload(sp.bits_as_logits(sp.encode(KEY, identity, b"face", fitted)), "secure",
                        None, "face 0")
+
+
+def test_calibrate_refusals_are_one_line_naming_the_culprit(tmp_path, bundle_dir, capsys):
+  missing = str(tmp_path / "none")
+  assert cli.main(["calibrate", "--bundle", missing]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("g2face calibrate: error: ") and missing in err and "\n" not in err
+  blank = str(tmp_path / "blank.png")
+  photo.write(blank, np.full((48, 48, 3), 128, np.uint8))
+  assert cli.main(["calibrate", "--bundle", bundle_dir, "--limit", "2", "--photo", blank,
+                   "--compile-cache", ""]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err == f"g2face calibrate: error: {blank}: no face found"
