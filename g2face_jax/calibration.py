@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+
 import numpy as np
 from PIL import Image
 
