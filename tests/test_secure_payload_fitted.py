@@ -259,3 +259,18 @@ def test_layout_names_are_checked():
   with pytest.raises(ValueError, match="parity"):
     sp.layout("fit-80000000-n8-q8")  # 64 bytes cannot hold the message
   assert sp.fitted_name([0, 9, 31], 8, 8) == "fit-80400001-n8-q8"
+
+
+@pytest.mark.slow
+def test_hard_fifteen_percent_decodes_end_to_end_though_not_certified():
+  """Hard flips at 15%: the channel carries the message (capacity ~6400 bits), the fit's
+  bound (hard-decision Reed-Solomon, no erasures) does not certify 1e-6, and the layout it
+  stores decodes 3000 faces of 3000 end to end, the erasure retries included."""
+  ber = np.full(32, 0.15)
+  fit = _fit(ber, soft=False)
+  assert not fit.meets_target and fit.capacity_bits > fit.message_bits[fit.best.value_bits]
+  rng = np.random.default_rng(21)
+  for i in range(3000):
+    identity = _identity(1000 + i)
+    logits = _logits(sp.encode(KEY, identity, b"e%d" % i, fit.best.layout), ber, rng, False)
+    assert _cos(sp.decode(KEY, logits, fit.best.layout).identity, identity) >= 0.99
