@@ -240,7 +240,7 @@ def table(calibration: dict) -> str:
   out.append(f"capacity of the worst condition {fit['capacity_bits']:.0f} bits; messages: {message}")
   for cand in fit["candidates"]:
     out.append(f"  best at {cand['value_bits']} bits/value: {cand['layout']} "
-               f"({cand['positions']} positions, {cand['inner']} bits per byte): "
+               f"({cand['positions']} positions of {cand['groups']} value groups, {cand['inner']} bits per byte): "
                f"face failure <= {cand['failure']:.2e}")
   verdict = "meets" if fit["meets_target"] else "does NOT meet"
   out.append(f"layout {fit['layout']}: face failure <= {fit['failure']:.2e}, {verdict} the "

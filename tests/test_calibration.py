@@ -55,8 +55,8 @@ def test_replay_counts_faces_whose_measured_errors_the_layout_survives():
   identities = rng.standard_normal((3, 512))
   signed = np.abs(rng.standard_normal((3, 512, 32))) + 0.5
   signed[0, :, 20:] *= -1  # face 0: a third of its positions read wrong
-  assert calibration.replay(KEY, "fit-ffff8000-n8-q8", signed, identities) == 3  # not its positions
-  assert calibration.replay(KEY, "fit-ffffffff-n8-q8", signed, identities) == 2
+  assert calibration.replay(KEY, "fit-ffff8000-vffff-n8-q8", signed, identities) == 3  # not its positions
+  assert calibration.replay(KEY, "fit-ffffffff-vffff-n8-q8", signed, identities) == 2
 
 
 def test_fit_prefers_fidelity_then_margin():
@@ -127,7 +127,7 @@ def test_calibrate_refuses_too_few_faces(tmp_path, bundle_dir, capsys):
 def test_recover_without_stamp_tries_the_tools_layout_then_the_fixed_ones(bundle_dir):
   """A photo whose stamp is gone: the calibrated layout (the tool's) is tried, then the fixed
   layouts, so payloads of either kind still decode."""
-  fitted = "fit-ffffffff-n16-q6"
+  fitted = "fit-ffffffff-vffff-n16-q6"
   tool = photo.Anonymizer(bundle_dir, KEY, layout=fitted)
   identity = np.random.default_rng(4).standard_normal(512)
   for name in (fitted, "float"):

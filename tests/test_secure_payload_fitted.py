@@ -174,8 +174,8 @@ def test_inner_codes_are_linear_with_their_stated_distances():
     assert weights.sum() == 255
 
 
-@pytest.mark.parametrize("name", ["fit-ffff8000-n8-q8", "fit-ffffffff-n20-q6",
-                                  "fit-ffbfffff-n32-q5"])
+@pytest.mark.parametrize("name", ["fit-ffff8000-vffff-n8-q8", "fit-ffffffff-vffff-n20-q6",
+                                  "fit-ffbfffff-vffff-n32-q5", "fit-ffffffff-v00ff-n10-q5"])
 def test_fitted_round_trip_determinism_and_balance(name):
   lay = sp.layout(name)
   identity = _identity(0)
@@ -191,7 +191,7 @@ def test_fitted_round_trip_determinism_and_balance(name):
   with pytest.raises(sp.NoPayloadError):
     sp.decode(KEY, sp.bits_as_logits(bits))
   with pytest.raises(sp.NoPayloadError):
-    sp.decode(KEY, sp.bits_as_logits(bits), "fit-ffffffff-n16-q8")
+    sp.decode(KEY, sp.bits_as_logits(bits), "fit-ffffffff-vffff-n16-q8")
 
 
 def _message_bits(bits, lay):
@@ -217,17 +217,17 @@ def _frame(message, bits, lay):
 
 
 def test_header_and_ciphertext_are_authenticated():
-  name = "fit-ffffffff-n16-q6"
+  name = "fit-ffffffff-vffff-n16-q6"
   lay = sp.layout(name)
   bits = sp.encode(KEY, _identity(7), b"face", name)
   message = bytearray(_message_bits(bits, lay))
   nonce = bytes(message[1:13])
-  mask = hashlib.shake_256(b"g2face/secure/v1/header/" + nonce).digest(6)
-  header = bytes(a ^ b for a, b in zip(message[13:19], mask))
-  assert header == lay.header == bytes.fromhex("ffffffff") + bytes([16, 6])
+  mask = hashlib.shake_256(b"g2face/secure/v1/header/" + nonce).digest(8)
+  header = bytes(a ^ b for a, b in zip(message[13:21], mask))
+  assert header == lay.header == bytes.fromhex("ffffffffffff") + bytes([16, 6])
   version_mask = hashlib.shake_256(b"g2face/secure/v1/filler/" + nonce).digest(1)[0]
   assert message[0] ^ version_mask == sp.FITTED_VERSION
-  for index in (14, 18, 40):  # the header's mask, its bits per value, the ciphertext
+  for index in (14, 18, 20, 40):  # the position mask, the group mask, Q, the ciphertext
     edited = bytearray(message)
     edited[index] ^= 0x01
     with pytest.raises(sp.AuthenticationError):
@@ -247,18 +247,39 @@ def test_fixed_layouts_unchanged_and_still_found():
   assert digest.hexdigest() == "427ce546c03b96bd7d81d21798fea8f940b8bd9502ac4c925981e652742c78ab"
   for name in sp.LAYOUTS:
     bits = sp.encode(KEY, _identity(8), b"old", name)
-    decoded = sp.decode(KEY, sp.bits_as_logits(bits), ("fit-ffffffff-n20-q8",) + sp.LAYOUTS)
+    decoded = sp.decode(KEY, sp.bits_as_logits(bits), ("fit-ffffffff-vffff-n20-q8",) + sp.LAYOUTS)
     assert decoded.layout == name and _cos(decoded.identity, _identity(8)) > 0.9999
 
 
 def test_layout_names_are_checked():
-  for bad in ("fit-ffffffff-n9-q8", "fit-ffffffff-n8-q4", "fit-00000000-n8-q8",
-              "fit-FFFFFFFF-n8-q8", "fit-ffffffff-n08-q8", "nope"):
+  for bad in ("fit-ffffffff-vffff-n9-q8", "fit-ffffffff-vffff-n8-q4", "fit-00000000-vffff-n8-q8",
+              "fit-FFFFFFFF-vffff-n8-q8", "fit-ffffffff-vffff-n08-q8", "nope"):
     with pytest.raises(ValueError):
       sp.layout(bad)
   with pytest.raises(ValueError, match="parity"):
-    sp.layout("fit-80000000-n8-q8")  # 64 bytes cannot hold the message
-  assert sp.fitted_name([0, 9, 31], 8, 8) == "fit-80400001-n8-q8"
+    sp.layout("fit-80000000-vffff-n8-q8")  # 64 bytes cannot hold the message
+  assert sp.fitted_name([0, 9, 31], 8, 8) == "fit-80400001-vffff-n8-q8"
+  assert sp.fitted_name([0], 8, 8, groups=[0, 15]) == "fit-80000000-v8001-n8-q8"
+  for bad in ("fit-ffffffff-v0000-n8-q8", "fit-ffffffff-vFFFF-n8-q8"):
+    with pytest.raises(ValueError):
+      sp.layout(bad)
+
+
+def test_a_region_read_badly_is_left_out():
+  """Values 0-255 read at 40% errors, values 256-511 at 1%: the fit keeps to the good half,
+  and its faces decode."""
+  ber = np.full((512, 32), 0.01)
+  ber[:256] = 0.40
+  fit = _fit(ber, soft=False)
+  lay = sp.layout(fit.best.layout)
+  assert fit.meets_target and fit.best.groups == 8
+  assert np.all(lay.slots // 32 >= 256)
+  assert _simulated_successes(lay, ber, False, 200, seed=6) == 200
+  rng = np.random.default_rng(7)
+  for i in range(3):
+    identity = _identity(i)
+    logits = _logits(sp.encode(KEY, identity, b"face%d" % i, lay.name), ber, rng, False)
+    assert _cos(sp.decode(KEY, logits, lay.name).identity, identity) >= 0.99
 
 
 @pytest.mark.slow

@@ -46,6 +46,7 @@ TARGET = 1e-6   # default face decoding failure probability to stay under
 MC_POOLED = 1024  # simulated bytes where the union bound is loose: all faces together
 MC_FACE = 1024    # ... then per face
 MC_LAYOUTS = 16   # layouts simulated per bits-per-value choice, at most
+REGION_Z = 5.0    # groups of values differing by this many standard errors: fit per group
 MIN_COSINE = 0.99  # the recovered identity's cosine to the original a layout must keep
 
 
@@ -68,6 +69,7 @@ class Candidate:
   value_bits: int
   inner: int      # bits per byte (inner code length)
   positions: int
+  groups: int     # groups of VALUE_GROUP values
   failure: float  # face decoding failure probability (upper bound, worst condition)
 
   def as_dict(self) -> dict:
@@ -106,15 +108,26 @@ def bin_width(conditions: Mapping[str, np.ndarray]) -> float:
 
 
 def histograms(signed: np.ndarray, width: float) -> np.ndarray:
-  """(F, 512, 32) signed logits -> (F, 32, 2 * HALF_BINS + 1) counts per face and position;
-  bin HALF_BINS + k holds logits in ((k - 1) w, k w] for k > 0 (mirrored below 0; exact
-  zeros in bin HALF_BINS)."""
+  """(F, 512, 32) signed logits -> (F, N_GROUPS, 32, 2 * HALF_BINS + 1) counts per face,
+  group of values and position; bin HALF_BINS + k holds logits in ((k - 1) w, k w] for
+  k > 0 (mirrored below 0; exact zeros in bin HALF_BINS)."""
   k = np.sign(signed) * np.minimum(np.ceil(np.abs(signed) / width), HALF_BINS)
   index = (k + HALF_BINS).astype(np.int64)  # (F, 512, 32)
-  n_faces = signed.shape[0]
-  flat = (np.arange(n_faces)[:, None, None] * 32 + np.arange(32)) * (2 * HALF_BINS + 1) + index
-  counts = np.bincount(flat.ravel(), minlength=n_faces * 32 * (2 * HALF_BINS + 1))
-  return counts.reshape(n_faces, 32, 2 * HALF_BINS + 1)
+  n_faces, bins = signed.shape[0], 2 * HALF_BINS + 1
+  group = np.arange(sp.IDENTITY_DIM) // sp.VALUE_GROUP
+  cell = (np.arange(n_faces)[:, None, None] * sp.N_GROUPS + group[:, None]) * 32 + np.arange(32)
+  counts = np.bincount((cell * bins + index).ravel(), minlength=n_faces * sp.N_GROUPS * 32 * bins)
+  return counts.reshape(n_faces, sp.N_GROUPS, 32, bins)
+
+
+def region_matters(signed: np.ndarray, z: float = REGION_Z) -> bool:
+  """Whether some group of values has an error rate more than `z` standard errors from the
+  rest's, in signed logits (F, 512, 32)."""
+  wrong = (signed < 0) + 0.5 * (signed == 0)
+  per_group = wrong.reshape(len(signed), sp.N_GROUPS, -1).mean(axis=(0, 2))
+  rate = wrong.mean()
+  n = wrong.size / sp.N_GROUPS
+  return bool(np.max(np.abs(per_group - rate)) > z * np.sqrt(max(rate * (1 - rate), 1e-12) / n))
 
 
 def pairwise_errors(pmf: np.ndarray, most: int) -> np.ndarray:
@@ -194,23 +207,55 @@ def simulated_byte_errors(pmf: np.ndarray, inner: int, draws: int) -> np.ndarray
   return np.asarray(out)
 
 
-def _simulated(hists, positions, inner, n_bytes, errors, shape, target):
+def _simulated(pmfs, inner, n_bytes, errors, shape, target):
   """Byte error rates refined by simulation where the union bound is loose: first with
   the faces pooled (MC_POOLED draws), and when that meets the target for `shape`, per
   face (MC_FACE draws); each the smaller of its union bound and its simulated rate's
-  upper bound."""
+  upper bound. pmfs: {condition: (F, bins) per-face pmfs}."""
   refined = {}
-  for name, h in hists.items():
-    pmf = h[:, positions].sum(axis=1).astype(np.float64)
-    pooled = pmf.sum(axis=0, keepdims=True)
-    rate = wilson_upper(simulated_byte_errors(pooled / pooled.sum(), inner, MC_POOLED),
+  for name, pmf in pmfs.items():
+    pooled = pmf.mean(axis=0, keepdims=True)
+    rate = wilson_upper(simulated_byte_errors(pooled, inner, MC_POOLED),
                         min(MC_POOLED, n_bytes * len(pmf)))
     if face_failure(shape, rate) > target:
       return errors
-    rate = wilson_upper(simulated_byte_errors(pmf / pmf.sum(axis=1, keepdims=True), inner,
-                                              MC_FACE), min(MC_FACE, n_bytes))
+    rate = wilson_upper(simulated_byte_errors(pmf, inner, MC_FACE), min(MC_FACE, n_bytes))
     refined[name] = np.minimum(errors[name], rate)
   return refined
+
+
+def _cell_errors(hist: np.ndarray) -> np.ndarray:
+  """(F, G, 32, bins) histograms -> (G, 32) error rates (a tie counts half)."""
+  counts = hist.sum(axis=0).astype(np.float64)
+  return (counts[..., :HALF_BINS].sum(axis=-1) + 0.5 * counts[..., HALF_BINS]) / counts.sum(axis=-1)
+
+
+def _records(hists, cell_sets, choices) -> list:
+  """Per (groups, positions) of `cell_sets` and inner code length with a layout for some
+  bits per value: (groups, positions, inner, n_bytes, {q: Shape}, {condition: per-face
+  byte error bounds (F,)}, {condition: per-face pmfs (F, bins)})."""
+  out = []
+  for groups, positions in cell_sets:
+    pmfs, pairwise = {}, {}
+    for name, h in hists.items():
+      pmf = h[:, groups][:, :, positions].sum(axis=(1, 2)).astype(np.float64)
+      pmfs[name] = pmf / pmf.sum(axis=1, keepdims=True)
+      pairwise[name] = pairwise_errors(pmfs[name], max(sp.INNER_LENGTHS))
+    n_slots = sp.VALUE_GROUP * len(groups) * len(positions)
+    for inner in sp.INNER_LENGTHS:
+      layouts = {}
+      for q in choices:
+        try:
+          layouts[q] = Shape(sp.fitted_name(positions, inner, q, groups),
+                             *sp.geometry(n_slots, inner, q))
+        except ValueError:
+          continue  # too few slots for the message
+      if layouts:
+        n_bytes = n_slots / inner
+        out.append((groups, positions, inner, n_bytes, layouts,
+                    {name: wilson_upper(byte_errors(e, inner), n_bytes)
+                     for name, e in pairwise.items()}, pmfs))
+  return out
 
 
 def fit(conditions: Mapping[str, np.ndarray], target: float = TARGET,
@@ -228,51 +273,47 @@ def fit(conditions: Mapping[str, np.ndarray], target: float = TARGET,
   ranking = np.argsort(worst_ber, kind="stable")
   cosines = quantization_cosines(identities)
   choices = [q for q in sp.VALUE_BIT_CHOICES if cosines[q] >= MIN_COSINE]
-  records = []  # (positions, inner, n_bytes, {q: shape}, {condition: byte errors})
-  for k in range(1, sp.VALUE_BITS + 1):
-    positions = sorted(ranking[:k].tolist())
-    pairwise = {}
-    for name, h in hists.items():
-      pmf = h[:, positions].sum(axis=1).astype(np.float64)
-      pairwise[name] = pairwise_errors(pmf / pmf.sum(axis=1, keepdims=True),
-                                       max(sp.INNER_LENGTHS))
-    for inner in sp.INNER_LENGTHS:
-      layouts = {}
-      for q in choices:
-        try:
-          layouts[q] = Shape(sp.fitted_name(positions, inner, q),
-                             *sp.geometry(len(positions), inner, q))
-        except ValueError:
-          continue  # too few slots for the message
-      if layouts:
-        n_bytes = sp.IDENTITY_DIM * len(positions) / inner
-        records.append((positions, inner, n_bytes, layouts,
-                        {name: wilson_upper(byte_errors(e, inner), n_bytes)
-                         for name, e in pairwise.items()}))
+  regions = any(region_matters(c) for c in conditions.values())
+  everything = list(range(sp.N_GROUPS))
+  records = _records(hists, [(everything, sorted(ranking[:k].tolist()))
+                             for k in range(1, sp.VALUE_BITS + 1)], choices)
+  if regions:  # fewer groups of values, with the position sets that did best on all
+    cells = np.max(np.stack([_cell_errors(h) for h in hists.values()]), axis=0)
+    group_ranking = np.argsort(cells.mean(axis=1), kind="stable")
+    ks = {8, 16, 24, sp.VALUE_BITS}
+    for q in choices:
+      mine = [r for r in records if q in r[4]]
+      if mine:
+        ks.add(len(min(mine, key=lambda r: max(face_failure(r[4][q], e)
+                                               for e in r[5].values()))[1]))
+    ks = sorted(ks)
+    records += _records(hists, [(sorted(group_ranking[:g].tolist()), sorted(ranking[:k].tolist()))
+                                for g in range(1, sp.N_GROUPS) for k in ks], choices)
 
   def failure(record, q):
-    return max(face_failure(record[3][q], e) for e in record[4].values())
+    return max(face_failure(record[4][q], e) for e in record[5].values())
 
   # where no layout of a bits-per-value meets the target by the union bound, simulate the
   # inner decoder on the most promising ones (lowest bound first) until one does
   for q in choices:
     tried = 0
-    for i in sorted((i for i, r in enumerate(records) if q in r[3]),
+    for i in sorted((i for i, r in enumerate(records) if q in r[4]),
                     key=lambda i: failure(records[i], q)):
       if failure(records[i], q) <= target or tried == MC_LAYOUTS:
         break
-      positions, inner, n_bytes, layouts, errors = records[i]
+      groups, positions, inner, n_bytes, layouts, errors, pmfs = records[i]
       if inner == 8:
         continue
       tried += 1
-      records[i] = (positions, inner, n_bytes, layouts,
-                    _simulated(hists, positions, inner, n_bytes, errors, layouts[q], target))
+      records[i] = (groups, positions, inner, n_bytes, layouts,
+                    _simulated(pmfs, inner, n_bytes, errors, layouts[q], target), pmfs)
       if failure(records[i], q) <= target:
         break
   best_per_q: dict[int, Candidate] = {}
   for record in records:
-    for q, shape in record[3].items():
-      cand = Candidate(shape.name, q, record[1], len(record[0]), failure(record, q))
+    for q, shape in record[4].items():
+      cand = Candidate(shape.name, q, record[2], len(record[1]), len(record[0]),
+                       failure(record, q))
       if q not in best_per_q or cand.failure < best_per_q[q].failure:
         best_per_q[q] = cand
   if not best_per_q:

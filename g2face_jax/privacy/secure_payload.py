@@ -23,20 +23,21 @@ mantissa, as the official codec writes float32s):
            exponent of an N(0, 1) float32, as in the official training bits
            (the official extractor saw those positions near-constant).
   uniform  coded bits in all 16384 positions (8 codewords, 186 parity bytes each).
-  fit-MMMMMMMM-nN-qQ  (format version 2) a layout fitted to a bundle's measured
-           channel (`privacy.code_fit`): coded bits in the positions of the
-           32-bit mask M (bit 31 = position 0, the sign), in slots ordered by a
-           public permutation; each Reed-Solomon byte written as a codeword of
+  fit-MMMMMMMM-vVVVV-nN-qQ  (format version 2) a layout fitted to a bundle's
+           measured channel (`privacy.code_fit`): coded bits in the positions
+           of the 32-bit mask M (bit 31 = position 0, the sign) of the values in
+           the groups of the 16-bit mask V (bit 15 = values 0-31, then the next
+           VALUE_GROUP values each), in slots ordered by a public permutation; each Reed-Solomon byte written as a codeword of
            N bits of a binary [N, 8] inner code (`inner_code`; N = 8: the byte
            itself), decoded by soft maximum likelihood (the codeword of the
            largest correlation with the logits); shortened Reed-Solomon
            codewords filling what the slots hold; the identity sent with Q
            bits per value (Q = 8: as above; Q < 8: clipped uniform steps of the
            value's RMS, see `quantize`). The message carries the layout in its
-           public header: version (2) | nonce (12) | mask (4) | N (1) | Q (1) |
-           ciphertext + tag, the header bytes masked like the version byte.
-           Unused exponent positions carry the N(0, 1) exponent cover, other
-           unused slots bits drawn from the nonce.
+           public header: version (2) | nonce (12) | M (4) | V (2) | N (1) |
+           Q (1) | ciphertext + tag, the header bytes masked like the version
+           byte. Exponent positions outside the code carry the N(0, 1) exponent
+           cover, other unused slots bits drawn from the nonce.
 
 Decode: hard bits are logit > 0 (fitted layouts: the inner code's most likely
 byte); when hard-decision decoding of a codeword fails, its least reliable
@@ -76,14 +77,16 @@ NONCE_BYTES = 12
 TAG_BYTES = 16
 PLAINTEXT_BYTES = 4 + IDENTITY_DIM  # float32 norm + int8 direction
 MESSAGE_BYTES = 1 + NONCE_BYTES + PLAINTEXT_BYTES + TAG_BYTES
-HEADER_BYTES = 6  # fitted layouts: mask (4), inner code length (1), bits per value (1)
+HEADER_BYTES = 8  # fitted layouts: masks of positions (4) and value groups (2), N (1), Q (1)
+VALUE_GROUP = 32  # values per group of a fitted layout's value mask
+N_GROUPS = IDENTITY_DIM // VALUE_GROUP
 VALUE_BIT_CHOICES = (8, 6, 5)  # bits per identity value a fitted layout may send (cosine >= 0.99)
 INNER_LENGTHS = (8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 64)  # bits per byte
 INNER_TRIALS = 64  # random systematic [N, 8] codes drawn; the best distance is kept
 # clip of the Q-bit quantizer in units of the identity's RMS value, about the
 # mean-square-error optimum of uniform steps for a Gaussian
 QUANT_CLIP = {6: 3.3, 5: 2.9}
-_FITTED = re.compile(r"fit-([0-9a-f]{8})-n([0-9]{1,2})-q([0-9])")
+_FITTED = re.compile(r"fit-([0-9a-f]{8})-v([0-9a-f]{4})-n([0-9]{1,2})-q([0-9])")
 LAYOUTS = ("float", "uniform")
 DEFAULT_LAYOUT = "float"
 SIGN_AND_MANTISSA = np.r_[0, 9:VALUE_BITS]  # bit positions within a value
@@ -123,6 +126,7 @@ class Layout:
   value_bits: int = 8     # bits per identity value in the plaintext
   version: int = FORMAT_VERSION
   mask: int | None = None  # fitted layouts: the 32-bit position mask (bit 31 = the sign)
+  groups: int | None = None  # fitted layouts: the 16-bit value-group mask (bit 15 = values 0-31)
 
   @property
   def parity_bytes(self) -> int:
@@ -141,7 +145,7 @@ class Layout:
   def header(self) -> bytes:
     """The public header of a fitted layout's message (b'' for the fixed layouts)."""
     return b"" if self.version == FORMAT_VERSION else struct.pack(
-        ">IBB", self.mask, self.inner, self.value_bits)
+        ">IHBB", self.mask, self.groups, self.inner, self.value_bits)
 
   @property
   def message_bytes(self) -> int:
@@ -155,13 +159,21 @@ def message_bytes(value_bits: int = 8, version: int = FORMAT_VERSION) -> int:
   return 1 + NONCE_BYTES + header + 4 + IDENTITY_DIM * value_bits // 8 + TAG_BYTES
 
 
-def fitted_name(positions: Sequence[int], inner: int, value_bits: int) -> str:
-  """The name of the fitted layout with coded bits in `positions` (0-31), each byte an
-  `inner`-bit codeword, sending `value_bits` bits per identity value."""
-  mask = 0
-  for p in positions:
-    mask |= 1 << (VALUE_BITS - 1 - int(p))
-  return f"fit-{mask:08x}-n{int(inner)}-q{int(value_bits)}"
+def _mask(members: Sequence[int], width: int) -> int:
+  return sum(1 << (width - 1 - int(m)) for m in set(int(m) for m in members))
+
+
+def _members(mask: int, width: int) -> list[int]:
+  return [m for m in range(width) if mask >> (width - 1 - m) & 1]
+
+
+def fitted_name(positions: Sequence[int], inner: int, value_bits: int,
+                groups: Sequence[int] = range(N_GROUPS)) -> str:
+  """The name of the fitted layout with coded bits in `positions` (0-31) of the values in
+  `groups` (0-15, VALUE_GROUP values each), each byte an `inner`-bit codeword, sending
+  `value_bits` bits per identity value."""
+  return (f"fit-{_mask(positions, VALUE_BITS):08x}-v{_mask(groups, N_GROUPS):04x}"
+          f"-n{int(inner)}-q{int(value_bits)}")
 
 
 def _public_stream(label: bytes, n: int) -> bytes:
@@ -173,11 +185,11 @@ def _public_uniforms(label: bytes, n: int) -> np.ndarray:
   return (words + 0.5) / 2.0 ** 32
 
 
-def geometry(n_positions: int, inner: int, value_bits: int) -> tuple[int, int, int]:
+def geometry(n_slots: int, inner: int, value_bits: int) -> tuple[int, int, int]:
   """(codewords, bytes per codeword, message bytes per codeword) of a fitted layout with
-  coded bits in `n_positions` positions; ValueError when they cannot hold the message with
+  `n_slots` slots for coded bits; ValueError when they cannot hold the message with
   MIN_CHECK_BYTES parity bytes per codeword."""
-  n_bytes = IDENTITY_DIM * n_positions // inner
+  n_bytes = n_slots // inner
   message = message_bytes(value_bits, FITTED_VERSION)
   n_codewords = max(1, -(-n_bytes // CODEWORD))
   codeword_bytes = n_bytes // n_codewords
@@ -205,25 +217,27 @@ def layout(name: str) -> Layout:
   match = _FITTED.fullmatch(str(name))
   if match is None:
     raise ValueError(f"unknown payload layout '{name}'; known: {', '.join(LAYOUTS)} "
-                     "or fit-MASK-rR-qQ (`g2face calibrate`)")
-  mask, inner, value_bits = int(match[1], 16), int(match[2]), int(match[3])
-  positions = [p for p in range(VALUE_BITS) if mask >> (VALUE_BITS - 1 - p) & 1]
-  if not positions or inner not in INNER_LENGTHS or \
-      value_bits not in VALUE_BIT_CHOICES or name != fitted_name(positions, inner, value_bits):
-    raise ValueError(f"payload layout '{name}': needs a non-empty mask, an inner code of "
+                     "or fit-MASK-vGROUPS-nN-qQ (`g2face calibrate`)")
+  mask, groups = int(match[1], 16), int(match[2], 16)
+  inner, value_bits = int(match[3]), int(match[4])
+  positions, members = _members(mask, VALUE_BITS), _members(groups, N_GROUPS)
+  if not positions or not members or inner not in INNER_LENGTHS or value_bits not in \
+      VALUE_BIT_CHOICES or name != fitted_name(positions, inner, value_bits, members):
+    raise ValueError(f"payload layout '{name}': needs non-empty masks, an inner code of "
                      f"{'/'.join(map(str, INNER_LENGTHS))} bits and "
                      f"{'/'.join(map(str, VALUE_BIT_CHOICES))} bits per value")
-  candidates = (np.arange(IDENTITY_DIM)[:, None] * VALUE_BITS + np.asarray(positions)).ravel()
+  values = (np.asarray(members)[:, None] * VALUE_GROUP + np.arange(VALUE_GROUP)).ravel()
+  candidates = (values[:, None] * VALUE_BITS + np.asarray(positions)).ravel()
   n_bytes = len(candidates) // inner
   try:
-    n_codewords, codeword_bytes, data_bytes = geometry(len(positions), inner, value_bits)
+    n_codewords, codeword_bytes, data_bytes = geometry(len(candidates), inner, value_bits)
   except ValueError as e:
     raise ValueError(f"payload layout '{name}': {e}") from None
   shuffle = np.argsort(_public_uniforms(b"slots/" + name.encode(), len(candidates)), kind="stable")
   slots = candidates[shuffle[:n_bytes * inner]]
   order = np.argsort(_public_uniforms(b"byte-order/" + name.encode(), n_bytes), kind="stable")
   return Layout(name, slots, n_codewords, data_bytes, order, codeword_bytes, inner,
-                value_bits, FITTED_VERSION, mask)
+                value_bits, FITTED_VERSION, mask, groups)
 
 
 @functools.lru_cache(maxsize=None)
@@ -345,12 +359,10 @@ def encode(key: keys.Key, identity: np.ndarray, context: bytes,
   else:  # slots outside the code: bytes drawn from the nonce
     bits = np.unpackbits(np.frombuffer(_public_stream(b"cover/" + nonce, N_BITS // 8),
                                        np.uint8)).astype(np.float32)
+  if lay.name != "uniform":  # exponent positions: the cover, where the code leaves them
+    bits.reshape(IDENTITY_DIM, VALUE_BITS)[:, EXPONENT] = _exponent_cover(nonce)
   bits[lay.slots] = inner_code(lay.inner)[payload].ravel()
-  bits = bits.reshape(IDENTITY_DIM, VALUE_BITS)
-  exponents = np.setdiff1d(EXPONENT, lay.positions)
-  if len(exponents):
-    bits[:, exponents] = _exponent_cover(nonce)[:, exponents - 1]
-  return bits
+  return bits.reshape(IDENTITY_DIM, VALUE_BITS)
 
 
 def _erasure_counts(parity_bytes: int) -> list[int]:
