@@ -81,7 +81,7 @@ class Fit:
   best: Candidate
   meets_target: bool
   target: float
-  capacity_bits: float   # Shannon capacity of the worst condition, all 16384 slots (BSC per position)
+  capacity_bits: float   # Shannon capacity of the worst condition, all 16384 slots (BSC per cell)
   message_bits: dict     # bits per value -> message bits of a fitted layout
   cosines: dict          # bits per value -> smallest identity cosine of the quantization (sample)
   candidates: list       # the best candidate per bits per value
@@ -168,12 +168,12 @@ def face_failure(lay: "sp.Layout | Shape", byte_error: np.ndarray) -> float:
   return float(np.mean(-np.expm1(lay.n_codewords * np.log1p(-np.minimum(word, 1 - 1e-15)))))
 
 
-def capacity(ber: np.ndarray) -> float:
-  """Bits a binary symmetric channel of per-position error rates ber (32,) carries in the
-  512 values (its Shannon capacity)."""
-  e = np.clip(np.asarray(ber, np.float64), 1e-12, 0.5)
+def capacity(cell_errors: np.ndarray) -> float:
+  """Bits a binary symmetric channel of error rates (N_GROUPS, 32) per group of values and
+  position carries in the 512 values (its Shannon capacity)."""
+  e = np.clip(np.asarray(cell_errors, np.float64), 1e-12, 0.5)
   entropy = -(e * np.log2(e) + (1 - e) * np.log2(1 - e))
-  return float(sp.IDENTITY_DIM * np.sum(1 - entropy))
+  return float(sp.VALUE_GROUP * np.sum(1 - entropy))
 
 
 def quantization_cosines(identities: np.ndarray | None) -> dict[int, float]:
@@ -324,7 +324,7 @@ def fit(conditions: Mapping[str, np.ndarray], target: float = TARGET,
   else:
     best = min(best_per_q.values(), key=lambda c: (c.failure, -c.value_bits))
   return Fit(best, bool(meeting), target,
-             capacity_bits=min(capacity(b) for b in ber.values()),
+             capacity_bits=min(capacity(_cell_errors(h)) for h in hists.values()),
              message_bits={q: 8 * sp.message_bytes(q, sp.FITTED_VERSION) for q in choices},
              cosines=cosines,
              candidates=sorted(best_per_q.values(), key=lambda c: -c.value_bits))
