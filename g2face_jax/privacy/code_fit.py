@@ -230,10 +230,30 @@ def _cell_errors(hist: np.ndarray) -> np.ndarray:
   return (counts[..., :HALF_BINS].sum(axis=-1) + 0.5 * counts[..., HALF_BINS]) / counts.sum(axis=-1)
 
 
-def _records(hists, cell_sets, choices) -> list:
-  """Per (groups, positions) of `cell_sets` and inner code length with a layout for some
-  bits per value: (groups, positions, inner, n_bytes, {q: Shape}, {condition: per-face
-  byte error bounds (F,)}, {condition: per-face pmfs (F, bins)})."""
+@dataclasses.dataclass
+class _Option:
+  """Cells (value groups x positions) and an inner code length, with its layouts (one per
+  bits-per-value choice that fits) and its per-face byte error bounds per condition."""
+  groups: list
+  positions: list
+  inner: int
+  n_bytes: float
+  shapes: dict   # bits per value -> Shape
+  errors: dict   # condition -> (F,) byte error bounds
+  pmfs: dict     # condition -> (F, bins) signed-logit pmfs over the cells
+
+  def failure(self, q: int) -> float:
+    """The face failure bound of the layout of q bits per value, at the worst condition."""
+    return max(face_failure(self.shapes[q], e) for e in self.errors.values())
+
+  def candidate(self, q: int) -> Candidate:
+    return Candidate(self.shapes[q].name, q, self.inner, len(self.positions), len(self.groups),
+                     self.failure(q))
+
+
+def _options(hists, cell_sets, choices) -> list[_Option]:
+  """An _Option per (groups, positions) of `cell_sets` and inner code length with a layout
+  for some bits per value in `choices`."""
   out = []
   for groups, positions in cell_sets:
     pmfs, pairwise = {}, {}
@@ -243,18 +263,18 @@ def _records(hists, cell_sets, choices) -> list:
       pairwise[name] = pairwise_errors(pmfs[name], max(sp.INNER_LENGTHS))
     n_slots = sp.VALUE_GROUP * len(groups) * len(positions)
     for inner in sp.INNER_LENGTHS:
-      layouts = {}
+      shapes = {}
       for q in choices:
         try:
-          layouts[q] = Shape(sp.fitted_name(positions, inner, q, groups),
-                             *sp.geometry(n_slots, inner, q))
+          shapes[q] = Shape(sp.fitted_name(positions, inner, q, groups),
+                            *sp.geometry(n_slots, inner, q))
         except ValueError:
           continue  # too few slots for the message
-      if layouts:
+      if shapes:
         n_bytes = n_slots / inner
-        out.append((groups, positions, inner, n_bytes, layouts,
-                    {name: wilson_upper(byte_errors(e, inner), n_bytes)
-                     for name, e in pairwise.items()}, pmfs))
+        out.append(_Option(groups, positions, inner, n_bytes, shapes,
+                           {name: wilson_upper(byte_errors(e, inner), n_bytes)
+                            for name, e in pairwise.items()}, pmfs))
   return out
 
 
@@ -267,53 +287,44 @@ def fit(conditions: Mapping[str, np.ndarray], target: float = TARGET,
   """
   width = bin_width(conditions)
   hists = {name: histograms(s, width) for name, s in conditions.items()}
-  ber = {name: np.mean(s < 0, axis=(0, 1)) + 0.5 * np.mean(s == 0, axis=(0, 1))
-         for name, s in conditions.items()}
-  worst_ber = np.max(np.stack(list(ber.values())), axis=0)
-  ranking = np.argsort(worst_ber, kind="stable")
+  ber = [np.mean(s < 0, axis=(0, 1)) + 0.5 * np.mean(s == 0, axis=(0, 1))
+         for s in conditions.values()]
+  ranking = np.argsort(np.max(np.stack(ber), axis=0), kind="stable")  # positions, best first
+  cells = np.max(np.stack([_cell_errors(h) for h in hists.values()]), axis=0)  # (G, 32)
   cosines = quantization_cosines(identities)
   choices = [q for q in sp.VALUE_BIT_CHOICES if cosines[q] >= MIN_COSINE]
-  regions = any(region_matters(c) for c in conditions.values())
   everything = list(range(sp.N_GROUPS))
-  records = _records(hists, [(everything, sorted(ranking[:k].tolist()))
+  options = _options(hists, [(everything, sorted(ranking[:k].tolist()))
                              for k in range(1, sp.VALUE_BITS + 1)], choices)
-  if regions:  # fewer groups of values, with the position sets that did best on all
-    cells = np.max(np.stack([_cell_errors(h) for h in hists.values()]), axis=0)
+  if any(region_matters(c) for c in conditions.values()):
+    # fewer groups of values, with a few position counts and those that did best on all
     group_ranking = np.argsort(cells.mean(axis=1), kind="stable")
     ks = {8, 16, 24, sp.VALUE_BITS}
     for q in choices:
-      mine = [r for r in records if q in r[4]]
+      mine = [o for o in options if q in o.shapes]
       if mine:
-        ks.add(len(min(mine, key=lambda r: max(face_failure(r[4][q], e)
-                                               for e in r[5].values()))[1]))
-    ks = sorted(ks)
-    records += _records(hists, [(sorted(group_ranking[:g].tolist()), sorted(ranking[:k].tolist()))
-                                for g in range(1, sp.N_GROUPS) for k in ks], choices)
-
-  def failure(record, q):
-    return max(face_failure(record[4][q], e) for e in record[5].values())
-
+        ks.add(len(min(mine, key=lambda o: o.failure(q)).positions))
+    options += _options(hists, [(sorted(group_ranking[:g].tolist()),
+                                 sorted(ranking[:k].tolist()))
+                                for g in range(1, sp.N_GROUPS) for k in sorted(ks)], choices)
   # where no layout of a bits-per-value meets the target by the union bound, simulate the
   # inner decoder on the most promising ones (lowest bound first) until one does
   for q in choices:
     tried = 0
-    for i in sorted((i for i, r in enumerate(records) if q in r[4]),
-                    key=lambda i: failure(records[i], q)):
-      if failure(records[i], q) <= target or tried == MC_LAYOUTS:
+    for option in sorted((o for o in options if q in o.shapes), key=lambda o: o.failure(q)):
+      if option.failure(q) <= target or tried == MC_LAYOUTS:
         break
-      groups, positions, inner, n_bytes, layouts, errors, pmfs = records[i]
-      if inner == 8:
+      if option.inner == 8:
         continue
       tried += 1
-      records[i] = (groups, positions, inner, n_bytes, layouts,
-                    _simulated(pmfs, inner, n_bytes, errors, layouts[q], target), pmfs)
-      if failure(records[i], q) <= target:
+      option.errors = _simulated(option.pmfs, option.inner, option.n_bytes, option.errors,
+                                 option.shapes[q], target)
+      if option.failure(q) <= target:
         break
   best_per_q: dict[int, Candidate] = {}
-  for record in records:
-    for q, shape in record[4].items():
-      cand = Candidate(shape.name, q, record[2], len(record[1]), len(record[0]),
-                       failure(record, q))
+  for option in options:
+    for q in option.shapes:
+      cand = option.candidate(q)
       if q not in best_per_q or cand.failure < best_per_q[q].failure:
         best_per_q[q] = cand
   if not best_per_q:
