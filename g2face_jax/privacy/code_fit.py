@@ -1,12 +1,12 @@
-"""Fitting the keyed payload code to a measured channel: which bit positions carry
-coded bits, which inner code writes each Reed-Solomon byte, and how many bits per
-identity value are sent (`secure_payload` fitted layouts), from the extractor's
+"""Fitting the keyed payload code to a measured channel: which bit positions (of which
+groups of values) carry coded bits, which inner code writes each Reed-Solomon byte, and
+how many bits per identity value are sent (`secure_payload` fitted layouts), from the extractor's
 logits on faces whose hidden bits are known.
 
 A channel sample is `signed` (F, 512, 32): per face, the extractor's logit
 times +1 where the hidden bit was 1 and -1 where it was 0 (positive: read
-right, negative: read wrong, magnitude: confidence). Per face and set of
-positions, the signed logits' distribution over those positions is a histogram
+right, negative: read wrong, magnitude: confidence). Per face and set of cells
+(groups of VALUE_GROUP values x positions), the signed logits' distribution there is a histogram
 of 2 * HALF_BINS + 1 bins (magnitudes rounded up, so that a wrong reading never
 becomes a tie); P_w, the chance that the sum of w independent draws is < 0 (a
 tie counting half), is the chance that the inner decoder prefers a codeword at
@@ -26,7 +26,10 @@ distance w to the one sent. Then, per face:
   face failure     1 - (1 - codeword failure)^codewords,
 averaged over the sample's faces (a face with a bad channel counts whole) and
 taken at the worst of the channel conditions measured (PNG, JPEG, paste-back).
-The position sets tried are the k positions of the lowest error rate, k = 1..32.
+The cells tried: the k positions of the lowest error rate, k = 1..32, in all values;
+and when groups of values differ in error rate beyond noise (`region_matters`), the g
+best groups, g = 1..15, with a few position counts (8, 16, 24, 32 and those that did
+best in all values).
 `fit` picks, among layouts whose face failure is below `target`, the most bits
 per value (identity fidelity), then the lowest failure.
 """
