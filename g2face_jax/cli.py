@@ -176,6 +176,8 @@ def _calibrate(args) -> int:
   import json
 
   from g2face_jax import bundle, calibration, images, photo
+  if not 0 < args.target < 1:
+    raise ValueError(f"--target is a probability between 0 and 1, got {args.target}")
   _use_compile_cache(args)
   loaded = bundle.load(args.bundle)
   loaded.require(*sorted(set(photo.NEEDS["anonymize"] + photo.NEEDS["verify"])),
@@ -460,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--layout", help="secure payload layout (default: the bundle's calibrated "
                  "layout, `g2face calibrate`, else 'float'): 'float' keeps the exponent "
                  "positions as the official training bits had them (for the official "
-                 "weights); 'uniform' uses all bits; fit-MASK-rR-qQ a fitted layout")
+                 "weights); 'uniform' uses all bits; fit-MASK-vGROUPS-nN-qQ a fitted one")
   _detection_argument(p)
   _small_face_arguments(p)
   _video_arguments(p, anonymize=True)
