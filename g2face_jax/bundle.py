@@ -3,7 +3,9 @@ checkpoint, plus a JSON manifest. Loading needs no torch.
 
 Layout of a bundle folder:
   manifest.json   format version, package version, the model config, the
-                  networks present, and the SHA-256 of each source file
+                  networks present, the SHA-256 of each source file and, once
+                  `g2face calibrate` ran, its 'calibration' (the measured payload
+                  channel, the payload layout fitted to it, the verify threshold)
   variables/      Orbax checkpoint: {network name: Flax variables, 'bfm': BFM arrays}
 """
 from __future__ import annotations
@@ -13,6 +15,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import tempfile
 from typing import Any, Mapping
 
 import jax
@@ -144,19 +147,9 @@ def save(out_dir: str | os.PathLike, config: ml_collections.ConfigDict,
 def load(path: str | os.PathLike) -> Bundle:
   """Read a bundle folder written by `save`. BundleError if it is not one."""
   path = os.path.abspath(os.fspath(path))
-  manifest_path = os.path.join(path, MANIFEST)
   if not os.path.isdir(path):
     raise BundleError(f"{path}: bundle folder not found")
-  try:
-    with open(manifest_path) as f:
-      manifest = json.load(f)
-  except FileNotFoundError:
-    raise BundleError(f"{path}: not a g2face bundle (no {MANIFEST})") from None
-  except (OSError, json.JSONDecodeError) as e:
-    raise BundleError(f"{manifest_path}: unreadable manifest ({e})") from None
-  if manifest.get("format") != FORMAT:
-    raise BundleError(f"{manifest_path}: bundle format {manifest.get('format')!r}, "
-                      f"this version reads {FORMAT!r}")
+  manifest = read_manifest(path)
   try:
     tree = ocp.PyTreeCheckpointer().restore(os.path.join(path, VARIABLES))
   except Exception as e:  # Orbax raises many types for a damaged checkpoint
@@ -172,3 +165,37 @@ def load(path: str | os.PathLike) -> Bundle:
   config = ml_collections.ConfigDict(manifest["config"])
   config.lock()
   return Bundle(path=path, config=config, variables=tree, bfm=bfm, manifest=manifest)
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+  """The manifest of the bundle folder at `path`, without its variables; BundleError."""
+  path = os.path.abspath(os.fspath(path))
+  manifest_path = os.path.join(path, MANIFEST)
+  if not os.path.isdir(path):
+    raise BundleError(f"{path}: bundle folder not found")
+  try:
+    with open(manifest_path) as f:
+      manifest = json.load(f)
+  except FileNotFoundError:
+    raise BundleError(f"{path}: not a g2face bundle (no {MANIFEST})") from None
+  except (OSError, json.JSONDecodeError) as e:
+    raise BundleError(f"{manifest_path}: unreadable manifest ({e})") from None
+  if manifest.get("format") != FORMAT:
+    raise BundleError(f"{manifest_path}: bundle format {manifest.get('format')!r}, "
+                      f"this version reads {FORMAT!r}")
+  return manifest
+
+
+def update_manifest(path: str | os.PathLike, **entries) -> dict:
+  """Set top-level `entries` of a bundle's manifest (written atomically); returns it."""
+  manifest = read_manifest(path)
+  manifest.update(entries)
+  manifest_path = os.path.join(os.path.abspath(os.fspath(path)), MANIFEST)
+  try:
+    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(manifest_path), suffix=".tmp",
+                                     delete=False) as f:
+      json.dump(manifest, f, indent=2)
+    os.replace(f.name, manifest_path)
+  except OSError as e:
+    raise BundleError(f"{manifest_path}: cannot write the manifest ({e.strerror or e})") from None
+  return manifest

@@ -55,13 +55,21 @@ def _keygen(args) -> int:
   return 0
 
 
+def _layout(args) -> str:
+  """--layout, else the bundle's calibrated layout (`g2face calibrate`), else 'float'."""
+  from g2face_jax import bundle, calibration
+  if getattr(args, "layout", None):
+    return args.layout
+  return calibration.layout_of(bundle.read_manifest(args.bundle)) or "float"
+
+
 def _photo_tool(args, operation: str):
   from g2face_jax import photo
   from g2face_jax.privacy import keys
   _use_compile_cache(args)
   tool = photo.Anonymizer(args.bundle, keys.load(args.key),
                           identity=getattr(args, "identity", "consistent"),
-                          codec=args.codec, layout=getattr(args, "layout", "float"),
+                          codec=args.codec, layout=_layout(args),
                           min_face=(photo.faces.MIN_FACE if getattr(args, "min_face", None) is None
                                     else args.min_face),
                           small_faces=getattr(args, "small_faces", photo.DEFAULT_SMALL_FACES),
@@ -132,23 +140,64 @@ def _recover(args) -> int:
   return _photo_files(args, "recover")
 
 
+def _verify_threshold(given: float | None, manifest: dict) -> tuple[float, str]:
+  """(verify's cosine threshold, 'given' / 'calibrated' / 'default'): --threshold, else the
+  bundle's calibrated one (`g2face calibrate`), else photo.VERIFY_THRESHOLD."""
+  from g2face_jax import calibration, photo
+  if given is not None:
+    return given, "given"
+  calibrated = calibration.threshold_of(manifest)
+  return (calibrated, "calibrated") if calibrated is not None else (photo.VERIFY_THRESHOLD,
+                                                                     "default")
+
+
 def _verify(args) -> int:
   import json
 
   from g2face_jax import files, photo
   try:
     tool = _photo_tool(args, "verify")
-    result = files.verify_file(tool, args.anon, args.reference, args.threshold,
+    threshold, source = _verify_threshold(args.threshold, tool.bundle.manifest)
+    result = files.verify_file(tool, args.anon, args.reference, threshold,
                                aligned=args.aligned)
   except photo.FileError as e:  # the file read, but holds no readable face or payload
     print(f"g2face verify: error: {e}", file=sys.stderr)
     return 1
   if args.json:
-    print(json.dumps(files.summary([result]) | {"threshold": args.threshold}, indent=1))
+    print(json.dumps(files.summary([result]) | {"threshold": threshold,
+                                                "threshold_source": source}, indent=1))
   else:
     for i, (c, same) in enumerate(zip(result.cosines, result.match)):
       print(f"{args.anon} face {i}: cosine {c:.4f} -> "
-            f"{'same person' if same else 'not the same person'} (threshold {args.threshold})")
+            f"{'same person' if same else 'not the same person'} (threshold {threshold}"
+            + (", calibrated)" if source == "calibrated" else ")"))
+  return 0
+
+
+def _calibrate(args) -> int:
+  import json
+
+  from g2face_jax import bundle, calibration, images, photo
+  if not 0 < args.target < 1:
+    raise ValueError(f"--target is a probability between 0 and 1, got {args.target}")
+  _use_compile_cache(args)
+  loaded = bundle.load(args.bundle)
+  loaded.require(*sorted(set(photo.NEEDS["anonymize"] + photo.NEEDS["verify"])),
+                 purpose="calibrate")
+  # a public key: the channel does not depend on it, no user key is needed, runs repeat
+  tool = photo.Anonymizer(loaded, calibration.KEY, codec="secure", layout="uniform")
+  faces, what = calibration.sample_faces(args.data, tool.size, args.limit)
+  scene = images.read(args.photo) if args.photo else None
+  try:
+    result = calibration.calibrate(tool, faces, what, jpeg=args.jpeg, scene=scene,
+                                   target=args.target)
+  except photo.FileError as e:  # the --photo has no face to paste over
+    raise ValueError(f"{args.photo}: {e}") from None
+  calibration.store(args.bundle, result)
+  print(json.dumps(result, indent=1) if args.json else calibration.table(result))
+  print(f"stored in {os.path.join(loaded.path, bundle.MANIFEST)}; anonymize now uses layout "
+        f"{result['fit']['layout']}, verify threshold {result['verify']['threshold']}",
+        file=sys.stderr if args.json else sys.stdout)
   return 0
 
 
@@ -412,9 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="virtual identity: 'consistent' (same person + same key -> same virtual "
                  "person) or 'random' (per face, reproducible from key and photo)")
   p.add_argument("--codec", choices=("secure", "official"), default="secure", help=codec_help)
-  p.add_argument("--layout", choices=("float", "uniform"), default="float",
-                 help="secure payload layout: 'float' keeps the exponent positions as the "
-                 "official training bits had them (for the official weights); 'uniform' uses all bits")
+  p.add_argument("--layout", help="secure payload layout (default: the bundle's calibrated "
+                 "layout, `g2face calibrate`, else 'float'): 'float' keeps the exponent "
+                 "positions as the official training bits had them (for the official "
+                 "weights); 'uniform' uses all bits; fit-MASK-vGROUPS-nN-qQ a fitted one")
   _detection_argument(p)
   _small_face_arguments(p)
   _video_arguments(p, anonymize=True)
@@ -432,12 +482,30 @@ def build_parser() -> argparse.ArgumentParser:
                      "the person in a reference photo, without recovering the face")
   p.add_argument("anon", metavar="ANON", help="anonymized image")
   p.add_argument("--reference", required=True, help="photo of the claimed person (largest face)")
-  p.add_argument("--threshold", type=float, default=0.3,
-                 help="cosine threshold (default 0.3, a conventional ArcFace value: calibrate it)")
+  p.add_argument("--threshold", type=float,
+                 help="cosine threshold (default: the bundle's calibrated threshold, "
+                 "`g2face calibrate`, else 0.3, a conventional ArcFace value)")
   p.add_argument("--codec", choices=("secure", "official"), default="secure",
                  help="code to read when the file has no g2face stamp (default secure)")
   _photo_arguments(p, inputs=False)
   p.set_defaults(run=_verify)
+
+  p = _command(sub, "calibrate", help="measure a bundle's payload channel on sample faces "
+                     "(bit error rate per bit position), fit the secure payload's layout to "
+                     "it and calibrate verify's threshold; stored in the bundle's manifest")
+  p.add_argument("--bundle", required=True, help="model bundle folder (its manifest is updated)")
+  p.add_argument("--data", default="demo", help="folder of aligned face images, or 'demo' "
+                 "(default: scikit-image's LFW crops, the training demo set)")
+  p.add_argument("--limit", type=int, default=32, help="faces to use (default 32)")
+  p.add_argument("--jpeg", type=int, metavar="Q", help="also measure after JPEG at quality Q")
+  p.add_argument("--photo", metavar="PHOTO", help="also measure after pasting each face into "
+                 "this photo (over its first detected face) and re-aligning it")
+  p.add_argument("--target", type=float, default=1e-6, help="face decoding failure "
+                 "probability the fitted code must stay under (default 1e-6)")
+  p.add_argument("--json", action="store_true", help="print the calibration as JSON")
+  _matmul_precision_argument(p)
+  _compile_cache_argument(p)
+  p.set_defaults(run=_calibrate)
 
   p = _command(sub, "eval", help="the paper's metrics on a folder of aligned face images: "
                      "metrics.json, report.md and grid.png in --out")

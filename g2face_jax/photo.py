@@ -356,7 +356,8 @@ class Anonymizer:
     if codec == "official":
       return np.asarray(payload.decode_identity(bits)), bits
     try:
-      decoded = secure_payload.decode(self.key, logits, layout)
+      decoded = secure_payload.decode(  # no stamp: this tool's layout, then the fixed ones
+          self.key, logits, layout or (self.layout,) + secure_payload.LAYOUTS)
     except secure_payload.AuthenticationError:
       raise FileError(f"{name}: wrong key or tampered payload (authentication failed)") from None
     except secure_payload.NoPayloadError:
