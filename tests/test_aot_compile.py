@@ -25,7 +25,8 @@ def _compile(*args, timeout=1500, env=None):
                         capture_output=True, text=True, env=env, timeout=timeout)
 
 
-def test_tiny_step_compiles_for_a_v5e_4_slice():  # about 3 minutes on 2 CPU cores
+@pytest.mark.slow  # about 3 minutes on 2 CPU cores
+def test_tiny_step_compiles_for_a_v5e_4_slice():
   # XLA's O0 keeps the TPU compile of the whole step to minutes on 2 cores (the default
   # level takes over ten); the properties below hold at any level.
   out = _compile("--config", "tiny", "--topology", "v5e-4", "--global-batch", "8",

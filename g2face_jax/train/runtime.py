@@ -66,12 +66,14 @@ def create(config: ml_collections.ConfigDict, steps_per_epoch: int, frozen: dict
   replicated = sharding.replicated(mesh)
   step_nets = precision.compute_in(remat_lib.remat_networks(nets, config.train.remat),
                                   config.train.compute_dtype)
-  train_step = jax.jit(functools.partial(step_lib.train_step, step_nets, settings),
-                       in_shardings=(state_sh, frozen_sh, batch_sh),
-                       out_shardings=(state_sh, replicated), donate_argnums=0)
-  sample_step = jax.jit(functools.partial(step_lib.sample_step, nets),
-                        in_shardings=(state_sh, frozen_sh, batch_sh, replicated),
-                        out_shardings=replicated)
+  train_step = jax.jit(
+      sharding.weights_whole_where_used(functools.partial(step_lib.train_step, step_nets,
+                                                          settings), mesh),
+      in_shardings=(state_sh, frozen_sh, batch_sh),
+      out_shardings=(state_sh, replicated), donate_argnums=0)
+  sample_step = jax.jit(
+      sharding.weights_whole_where_used(functools.partial(step_lib.sample_step, nets), mesh),
+      in_shardings=(state_sh, frozen_sh, batch_sh, replicated), out_shardings=replicated)
   return Runtime(config, mesh, nets, settings, state_sh, frozen_sh, batch_sh, train_step,
                  sample_step)
 

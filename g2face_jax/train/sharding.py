@@ -8,7 +8,7 @@ and several hosts.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -47,6 +47,24 @@ def batch_sharding(mesh: Mesh, mesh_cfg, ndim: int = 4) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+def weights_whole_where_used(step: Callable, mesh: Mesh) -> Callable:
+  """`step(state, frozen, images, ...)` with the network weights (generator side,
+  discriminator, frozen networks) gathered whole on every device inside the program:
+  weights are stored split over 'fsdp' and used whole, so every network's
+  activations keep the batch split over both mesh axes. Without it the partitioner
+  may follow a split weight instead and replicate the batch over 'fsdp' (16x the
+  activations per chip on a 16 x 16 mesh). Gradients return to the split layout
+  through the step's output shardings. Values are unchanged."""
+  whole = replicated(mesh)
+
+  def gathered(state, frozen, images, *rest):
+    state = state.replace(params=jax.lax.with_sharding_constraint(state.params, whole),
+                          disc_params=jax.lax.with_sharding_constraint(state.disc_params, whole))
+    return step(state, jax.lax.with_sharding_constraint(frozen, whole), images, *rest)
+
+  return gathered
 
 
 def param_logical_axes(shape: tuple[int, ...], fsdp: int, min_size: int) -> tuple:
