@@ -303,10 +303,6 @@ def _by_name(trees: dict, names: dict) -> dict[str, np.ndarray]:
   return out
 
 
-def _norms(tensors: dict[str, np.ndarray]) -> dict[str, float]:
-  return {k: float(np.linalg.norm(np.asarray(v, np.float64))) for k, v in tensors.items()}
-
-
 def iteration(folder: str) -> dict[str, dict]:
   """Our training iteration on the folder's recorded one, phase by phase, in the
   fixture's names.
